@@ -1,0 +1,9 @@
+#!/usr/bin/env python3
+"""Run dvara: python dvara.py -c conf/dvara.conf"""
+
+import sys
+
+from dvara_lib.app import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""A bounded, thread-safe pool of server connections to one replica-set member.
+
+# design:
+# Connections are kept in a LIFO deque guarded by one Condition; nothing holds the lock
+# across socket I/O (connecting and the handshake happen after a slot is reserved and the
+# lock released). A generation counter makes ``clear()`` cheap: it closes the idle
+# connections now, and a checked-out connection of an older generation is closed when it
+# comes back. A connection that may hold unread bytes is checked in with
+# ``reusable=False`` and is closed, never reused.
+
+Methods for callers:
+
+- checkout(timeout) -> ServerConnection   (Can raise PoolTimeout or ConnectionFailure.)
+- checkin(conn, reusable)
+- clear()       after a network error: retire every connection opened so far
+- maintain()    close connections idle too long, open up to min_idle (discovery thread)
+- close()
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import socket
+import threading
+import time
+from typing import Callable, Optional
+
+from dvara_lib import wire
+from dvara_lib.errors import ConnectionFailure, PoolTimeout
+
+log = logging.getLogger("dvara.pool")
+
+#: Opens a socket to a member and runs the proxy's own handshake on it.
+Connector = Callable[[], socket.socket]
+
+_conn_ids = itertools.count(1)
+
+
+class ServerConnection:
+    """One socket to a server, owned by the pool or by exactly one worker at a time."""
+
+    __slots__ = ("sock", "generation", "id", "created", "last_checkin", "checked_out_at",
+                 "closed")
+
+    def __init__(self, sock: socket.socket, generation: int) -> None:
+        self.sock = sock
+        self.generation = generation
+        self.id = next(_conn_ids)
+        self.created = self.last_checkin = self.checked_out_at = time.monotonic()
+        self.closed = False
+
+    def send(self, data: bytes) -> None:
+        """Write one message. Can raise ConnectionFailure or ServerTimeout."""
+        wire.send_all(self.sock, data)
+
+    def read_frame(self) -> bytes:
+        """Read one message. Can raise ConnectionFailure, ServerTimeout or ProtocolError."""
+        return wire.read_frame(self.sock)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+
+    def __repr__(self) -> str:
+        return f"<ServerConnection #{self.id} gen {self.generation}>"
+
+
+class PoolStats:
+    """Hooks the pool calls; the metrics module overrides them."""
+
+    def created(self) -> None: ...
+    def closed(self) -> None: ...
+    def checkout_wait(self, seconds: float) -> None: ...
+    def checkout_timeout(self) -> None: ...
+    def held(self, seconds: float) -> None: ...
+
+
+class Pool:
+    """At most ``max_size`` connections to one member, handed out one request at a time."""
+
+    def __init__(self, name: str, connector: Connector, max_size: int, min_idle: int = 0,
+                 idle_timeout: float = 3600.0, stats: Optional[PoolStats] = None) -> None:
+        self.name = name
+        self._connector = connector
+        self.max_size = max_size
+        self.min_idle = min_idle
+        self.idle_timeout = idle_timeout
+        self.stats = stats or PoolStats()
+        self._idle: collections.deque[ServerConnection] = collections.deque()
+        self._cond = threading.Condition(threading.Lock())
+        self._total = 0          # idle + checked out + being opened
+        self._waiting = 0
+        self.generation = 0
+        self._closed = False
+
+    # -- numbers for status and metrics ---------------------------------------------
+    @property
+    def open_count(self) -> int:
+        return self._total
+
+    @property
+    def in_use(self) -> int:
+        return self._total - len(self._idle)
+
+    @property
+    def waiting(self) -> int:
+        return self._waiting
+
+    # -- checkout / checkin -----------------------------------------------------------
+    def checkout(self, timeout: float) -> ServerConnection:
+        """A connection for one request. Can raise PoolTimeout or ConnectionFailure."""
+        start = time.monotonic()
+        deadline = start + timeout
+        with self._cond:
+            conn = self._take_or_reserve(deadline)
+        if conn is None:
+            conn = self._open_reserved()
+        conn.checked_out_at = now = time.monotonic()
+        self.stats.checkout_wait(now - start)
+        return conn
+
+    def _take_or_reserve(self, deadline: float) -> Optional[ServerConnection]:
+        """Under the lock: an idle connection, or None after reserving a slot to open one."""
+        self._waiting += 1
+        try:
+            while True:
+                if self._closed:
+                    raise ConnectionFailure(f"pool for {self.name} is closed")
+                if self._idle:
+                    return self._idle.pop()
+                if self._total < self.max_size:
+                    self._total += 1
+                    return None
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self._cond.wait(remaining):
+                    if not self._idle and self._total >= self.max_size:
+                        self.stats.checkout_timeout()
+                        raise PoolTimeout(
+                            f"timed out waiting for a connection to {self.name} "
+                            f"({self.max_size} in use)")
+        finally:
+            self._waiting -= 1
+
+    def _open_reserved(self) -> ServerConnection:
+        generation = self.generation
+        try:
+            sock = self._connector()
+        except BaseException:
+            with self._cond:
+                self._total -= 1
+                self._cond.notify()
+            raise
+        self.stats.created()
+        log.debug("opened a connection to %s", self.name)
+        return ServerConnection(sock, generation)
+
+    def checkin(self, conn: ServerConnection, reusable: bool = True) -> None:
+        """Give conn back; it is closed if not reusable, stale, or the pool is closed."""
+        now = time.monotonic()
+        self.stats.held(now - conn.checked_out_at)
+        with self._cond:
+            keep = reusable and not conn.closed and not self._closed \
+                and conn.generation == self.generation
+            if keep:
+                conn.last_checkin = now
+                self._idle.append(conn)
+            else:
+                self._total -= 1
+            self._cond.notify()
+        if not keep:
+            self._discard(conn)
+
+    def _discard(self, conn: ServerConnection) -> None:
+        conn.close()
+        self.stats.closed()
+
+    # -- maintenance ------------------------------------------------------------------
+    def clear(self) -> None:
+        """Retire every connection opened so far (after a network error)."""
+        with self._cond:
+            self.generation += 1
+            stale = list(self._idle)
+            self._idle.clear()
+            self._total -= len(stale)
+            self._cond.notify_all()
+        for conn in stale:
+            self._discard(conn)
+        if stale:
+            log.info("cleared %d idle connection(s) to %s", len(stale), self.name)
+
+    def maintain(self) -> None:
+        """Close connections idle too long; open connections up to min_idle."""
+        cutoff = time.monotonic() - self.idle_timeout
+        with self._cond:
+            removable = max(len(self._idle) - self.min_idle, 0)
+            expired = [c for c in self._idle if c.last_checkin < cutoff][:removable]
+            for conn in expired:
+                self._idle.remove(conn)
+            self._total -= len(expired)
+            to_open = min(self.min_idle - len(self._idle), self.max_size - self._total)
+            self._total += max(to_open, 0)
+        for conn in expired:
+            self._discard(conn)
+        for _ in range(max(to_open, 0)):
+            try:
+                conn = self._open_reserved()
+            except Exception as exc:
+                log.warning("could not pre-open a connection to %s: %s", self.name, exc)
+                return
+            self.checkin(conn)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            stale = list(self._idle)
+            self._idle.clear()
+            self._total -= len(stale)
+            self._cond.notify_all()
+        for conn in stale:
+            self._discard(conn)

@@ -1,0 +1,226 @@
+"""The arbiter: wires settings, discovery, pools, listeners, workers and the acceptor.
+
+# design:
+# The main thread builds everything, then waits on a SimpleQueue that the signal
+# handlers only put into (SIGTERM, SIGINT: drain and exit). Threads: the acceptor, the
+# discovery thread, the fixed ThreadPoolExecutor (all workers started up front, so the
+# thread count never changes), and, when configured, the metrics emitter and the admin
+# HTTP server.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+import queue
+import signal
+import socket
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Optional
+
+from dvara_lib import __version__
+from dvara_lib.acceptor import Acceptor
+from dvara_lib.config import check_port_range
+from dvara_lib.discovery import (DiscoveryThread, connect, discover, hello_request,
+                                 run_hello)
+from dvara_lib.errors import ConfigError, ConnectionFailure, ProtocolError
+from dvara_lib.metrics import MemberMetrics, Metrics
+from dvara_lib.pool import Pool, PoolStats
+from dvara_lib.relay import Relay
+from dvara_lib.topology import Member, Topology, format_address
+
+if TYPE_CHECKING:
+    from dvara_lib.config import Settings
+
+log = logging.getLogger("dvara.server")
+
+_DISCOVERY_TIMEOUT = 10.0
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class _PoolMetrics(PoolStats):
+    """Pool events as member measures."""
+
+    def __init__(self, stats: MemberMetrics) -> None:
+        self.stats = stats
+
+    def created(self) -> None:
+        self.stats.incr("server.created")
+        self.stats.gauge_add("server.open", 1)
+
+    def closed(self) -> None:
+        self.stats.incr("server.closed")
+        self.stats.gauge_add("server.open", -1)
+
+    def checkout_wait(self, seconds: float) -> None:
+        self.stats.observe("server.checkout_wait", seconds)
+        self.stats.gauge_add("server.in_use", 1)
+
+    def checkout_timeout(self) -> None:
+        self.stats.incr("server.checkout_timeouts")
+
+    def held(self, seconds: float) -> None:
+        self.stats.observe("server.held", seconds)
+        self.stats.gauge_add("server.in_use", -1)
+
+
+class Server:
+    """One dvara process. Methods for callers: start(), run(), stop(), status()."""
+
+    def __init__(self, settings: "Settings", metrics: Optional[Metrics] = None) -> None:
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.topology: Optional[Topology] = None
+        self.acceptor: Optional[Acceptor] = None
+        self.discovery: Optional[DiscoveryThread] = None
+        self.executor: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        self.started = time.time()
+        self._signals: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._services: list[Any] = []
+
+    # -- start-up ---------------------------------------------------------------------------
+    def start(self) -> None:
+        """Discover the set, open a listener per member, start every thread.
+
+        Can raise DiscoveryError or ConfigError.
+        """
+        s = self.settings
+        found = discover(list(s.addrs), timeout=min(_DISCOVERY_TIMEOUT, s.message_timeout))
+        check_port_range(s, len(found.members))
+        self.topology = Topology(found.set_name)
+        self.executor = _start_workers(s.workers)
+        self.discovery = DiscoveryThread(self.topology, s.discovery_interval,
+                                         min(s.discovery_interval, 5.0), __version__)
+        relay = Relay(s, self.topology, self._handback,
+                      on_server_failure=lambda m: self.discovery.wake())
+        self.acceptor = Acceptor(s, self.executor, relay)
+        self.topology.on_change(self.acceptor.topology_changed)
+        self.topology.on_change(lambda m: m.stats.incr("topology.changes"))
+        for real, port in zip(found.members, self._assign_ports(found.members)):
+            self._add_member(real, port, found.hellos.get(real))
+        self.discovery.poll_once()
+        self.acceptor.start()
+        self.discovery.start()
+        self._start_services()
+        log.info("dvara %s serving replica set %s: %s", __version__,
+                 found.set_name or "(standalone)",
+                 ", ".join(f"{m.real} as {m.proxy}" for m in self.topology.members()))
+        print(f"dvara is ready; connect with: {self.connection_string()}", flush=True)
+
+    def connection_string(self) -> str:
+        """The URI a client should use to reach the set through the proxy."""
+        hosts = ",".join(m.proxy for m in self.topology.members())
+        name = self.topology.set_name
+        return f"mongodb://{hosts}/?" + (f"replicaSet={name}" if name else "directConnection=true")
+
+    def _handback(self, client: Any, verdict: str) -> None:
+        self.acceptor.handback(client, verdict)
+
+    def _assign_ports(self, members: list[str]) -> list[int]:
+        """Ports for members: --member-map first, then the free ports of the range in order."""
+        pinned = {format_address(*addr): port for addr, port in self.settings.member_map}
+        free = [p for p in range(self.settings.port_start, self.settings.port_end + 1)
+                if p not in pinned.values()]
+        ports = []
+        for real in members:
+            if real in pinned:
+                ports.append(pinned[real])
+            elif free:
+                ports.append(free.pop(0))
+            else:
+                raise ConfigError(f"--port-start/--port-end: no free port left for {real}")
+        return ports
+
+    def _add_member(self, real: str, port: int, hello: Optional[dict[str, Any]]) -> Member:
+        s = self.settings
+        stats = self.metrics.member(real)
+        proxy = format_address(s.advertise_host, port)
+        pool = Pool(real, lambda: self._connect(member), s.max_connections,
+                    s.min_idle_connections, s.server_idle_timeout, _PoolMetrics(stats))
+        member = Member(real, proxy, port, pool, stats)
+        self.topology.add(member)
+        if hello is not None:
+            member.max_wire_version = int(hello.get("maxWireVersion", 0))
+        sock = _listen(s.listen_host, port)
+        self.acceptor.add_listener(sock, member)
+        return member
+
+    def _connect(self, member: Member) -> socket.socket:
+        """A pooled server connection: TCP connect plus the proxy's own handshake."""
+        timeout = self.settings.message_timeout
+        sock = connect(member.address, min(timeout, _DISCOVERY_TIMEOUT))
+        try:
+            sock.settimeout(timeout)
+            run_hello(sock, hello_request(member.max_wire_version, True, __version__))
+        except (ConnectionFailure, ProtocolError, OSError):
+            sock.close()
+            raise
+        return sock
+
+    def _start_services(self) -> None:
+        """The metrics emitter and admin endpoint, when configured."""
+        from dvara_lib.services import start_services
+        self._services = start_services(self.settings, self.metrics, self.status)
+
+    # -- running ----------------------------------------------------------------------------
+    def run(self) -> int:
+        """Start, then serve until a stop signal. Returns the exit status."""
+        for sig in _STOP_SIGNALS:
+            signal.signal(sig, lambda signum, frame: self._signals.put(signum))
+        self.start()
+        while True:
+            try:
+                signum = self._signals.get(timeout=1.0)
+            except queue.Empty:
+                continue
+            log.info("received %s; draining", signal.Signals(signum).name)
+            fast = signum == signal.SIGINT
+            self.stop(self.settings.graceful_timeout / (4 if fast else 1))
+            return 0
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop accepting, let messages in flight finish (up to timeout), then close all."""
+        if self.acceptor is not None and self.acceptor.is_alive():
+            self.acceptor.drain()
+            if not self.acceptor.drained.wait(timeout):
+                log.warning("%d client(s) still busy after %.1fs; closing them",
+                            self.acceptor.counts()["busy"], timeout)
+            self.acceptor.stop()
+            self.acceptor.join(timeout)
+        if self.discovery is not None:
+            self.discovery.close()
+        for service in self._services:
+            service.close()
+        if self.executor is not None:
+            self.executor.shutdown(wait=False, cancel_futures=True)
+        for member in self.topology.members() if self.topology else []:
+            member.pool.close()
+        log.info("dvara stopped")
+
+    # -- status -----------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        """The /status document (see dvara_lib.admin)."""
+        from dvara_lib.services import status_document
+        return status_document(self)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening socket for one member. Can raise ConfigError if the port is taken."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, backlog=4096)
+    except OSError as exc:
+        raise ConfigError(f"--port-start/--port-end: cannot listen on {host}:{port}: "
+                          f"{exc.strerror or exc}") from exc
+
+
+def _start_workers(count: int) -> concurrent.futures.ThreadPoolExecutor:
+    """A ThreadPoolExecutor with all its threads started now, so the count stays fixed."""
+    executor = concurrent.futures.ThreadPoolExecutor(count, thread_name_prefix="dvara-worker")
+    barrier = threading.Barrier(count + 1)
+    for _ in range(count):
+        executor.submit(barrier.wait, 10)
+    barrier.wait(10)
+    return executor

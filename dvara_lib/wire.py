@@ -1,0 +1,379 @@
+"""MongoDB wire-protocol framing: headers, opcodes, minimal inspection, message builders.
+
+Frames travel through dvara as ``bytes`` holding the whole message, header included.
+Only what the proxy must see is ever decoded: the header, OP_MSG flag bits, the first
+key of a command document (to spot hello, replSetGetStatus and friends), and, for the
+few messages the proxy answers or rewrites itself, the command document.
+"""
+
+from __future__ import annotations
+
+import itertools
+import socket
+import struct
+import zlib
+from typing import Any, Iterator, Optional
+
+import bson
+
+from dvara_lib.errors import ConnectionFailure, ProtocolError, ServerTimeout
+
+OP_REPLY = 1
+OP_UPDATE = 2001
+OP_INSERT = 2002
+OP_QUERY = 2004
+OP_GET_MORE = 2005
+OP_DELETE = 2006
+OP_KILL_CURSORS = 2007
+OP_COMPRESSED = 2012
+OP_MSG = 2013
+
+#: Legacy opcodes that never get a reply.
+NO_REPLY_OPCODES = frozenset({OP_UPDATE, OP_INSERT, OP_DELETE, OP_KILL_CURSORS})
+#: Legacy opcodes whose only reply is an OP_REPLY.
+REPLY_OPCODES = frozenset({OP_QUERY, OP_GET_MORE})
+KNOWN_REQUEST_OPCODES = NO_REPLY_OPCODES | REPLY_OPCODES | {OP_MSG, OP_COMPRESSED}
+
+MIN_MESSAGE_SIZE = 16
+MAX_MESSAGE_SIZE = 48_000_000
+
+HEADER = struct.Struct("<iiii")
+_INT32 = struct.Struct("<i")
+_UINT32 = struct.Struct("<I")
+_REPLY_PREFIX = struct.Struct("<iqii")  # responseFlags, cursorID, startingFrom, numberReturned
+_COMPRESSED_PREFIX = struct.Struct("<iiB")  # originalOpcode, uncompressedSize, compressorId
+
+# OP_MSG flag bits (OP_MSG spec).
+CHECKSUM_PRESENT = 1 << 0
+MORE_TO_COME = 1 << 1
+EXHAUST_ALLOWED = 1 << 16
+_KNOWN_FLAGS = CHECKSUM_PRESENT | MORE_TO_COME | EXHAUST_ALLOWED
+_REQUIRED_MASK = 0xFFFF
+
+# OP_REPLY flag bits.
+REPLY_CURSOR_NOT_FOUND = 1 << 0
+REPLY_QUERY_FAILURE = 1 << 1
+
+# OP_COMPRESSED compressor ids (OP_COMPRESSED spec).
+COMPRESSOR_IDS = {"noop": 0, "snappy": 1, "zlib": 2, "zstd": 3}
+#: What this proxy can decode, in its order of preference.
+SUPPORTED_COMPRESSORS = ("zlib",)
+
+_request_ids = itertools.count(1)
+
+
+def next_request_id() -> int:
+    """A request id for a message the proxy builds itself (wraps at 2**31)."""
+    return next(_request_ids) & 0x7FFFFFFF
+
+
+def check_length(length: int) -> None:
+    """Reject a header length outside [16, 48,000,000]. Can raise ProtocolError."""
+    if length < MIN_MESSAGE_SIZE or length > MAX_MESSAGE_SIZE:
+        raise ProtocolError(
+            f"message length {length} outside [{MIN_MESSAGE_SIZE}, {MAX_MESSAGE_SIZE}]")
+
+
+def opcode(frame: bytes) -> int:
+    return _INT32.unpack_from(frame, 12)[0]
+
+
+def request_id(frame: bytes) -> int:
+    return _INT32.unpack_from(frame, 4)[0]
+
+
+def response_to(frame: bytes) -> int:
+    return _INT32.unpack_from(frame, 8)[0]
+
+
+def msg_flags(frame: bytes) -> int:
+    """The flagBits of an OP_MSG frame."""
+    return _UINT32.unpack_from(frame, 16)[0]
+
+
+def more_to_come(frame: bytes) -> bool:
+    """True for an OP_MSG whose sender will not wait for (or will send more of) a reply."""
+    return opcode(frame) == OP_MSG and bool(msg_flags(frame) & MORE_TO_COME)
+
+
+def expects_reply(frame: bytes) -> bool:
+    """Whether the server answers this (uncompressed) request."""
+    op = opcode(frame)
+    if op == OP_MSG:
+        return not msg_flags(frame) & MORE_TO_COME
+    return op in REPLY_OPCODES
+
+
+# --- reading whole frames from a blocking socket (server side) -----------------------
+
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    """Read exactly n bytes. Can raise ConnectionFailure or ServerTimeout."""
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        try:
+            chunk = sock.recv_into(view[got:], n - got)
+        except socket.timeout as exc:
+            raise ServerTimeout("timed out reading from server") from exc
+        except OSError as exc:
+            raise ConnectionFailure(f"read failed: {exc}") from exc
+        if chunk == 0:
+            raise ConnectionFailure("connection closed by server")
+        got += chunk
+    return bytes(buf)
+
+
+def read_frame(sock: socket.socket) -> bytes:
+    """Read one whole message (header included). Can raise ConnectionFailure, ProtocolError."""
+    header = recv_exact(sock, 16)
+    length = _INT32.unpack_from(header, 0)[0]
+    check_length(length)
+    return header + recv_exact(sock, length - 16)
+
+
+def send_all(sock: socket.socket, data: bytes) -> None:
+    """Write all of data. Can raise ConnectionFailure or ServerTimeout."""
+    try:
+        sock.sendall(data)
+    except socket.timeout as exc:
+        raise ServerTimeout("timed out writing to server") from exc
+    except OSError as exc:
+        raise ConnectionFailure(f"write failed: {exc}") from exc
+
+
+# --- cheap inspection ------------------------------------------------------------------
+
+def _cstring_end(data: bytes, start: int) -> int:
+    end = data.find(b"\x00", start)
+    if end < 0:
+        raise ProtocolError("unterminated cstring")
+    return end
+
+
+def _first_key(data: bytes, doc_start: int) -> str:
+    """The first key of the BSON document at doc_start, without decoding the document."""
+    if doc_start + 5 > len(data):
+        raise ProtocolError("truncated document")
+    if data[doc_start + 4] == 0:
+        return ""
+    key_end = _cstring_end(data, doc_start + 5)
+    return data[doc_start + 5:key_end].decode("utf-8", "replace")
+
+
+def msg_body_offset(frame: bytes) -> int:
+    """Offset of the kind-0 body document of an OP_MSG. Can raise ProtocolError."""
+    end = len(frame) - (4 if msg_flags(frame) & CHECKSUM_PRESENT else 0)
+    pos = 20
+    while pos < end:
+        kind = frame[pos]
+        if kind == 0:
+            return pos + 1
+        if kind != 1:
+            raise ProtocolError(f"unknown OP_MSG section kind {kind}")
+        size = _INT32.unpack_from(frame, pos + 1)[0]
+        if size < 5:
+            raise ProtocolError("bad OP_MSG section size")
+        pos += 1 + size
+    raise ProtocolError("OP_MSG has no body section")
+
+
+def query_doc_offset(frame: bytes) -> tuple[str, int]:
+    """(fullCollectionName, query document offset) of an OP_QUERY frame."""
+    ns_end = _cstring_end(frame, 20)
+    return frame[20:ns_end].decode("utf-8", "replace"), ns_end + 1 + 8
+
+
+def command_name(frame: bytes) -> Optional[str]:
+    """The command name of an OP_MSG, or of an OP_QUERY on ``db.$cmd``; else None."""
+    op = opcode(frame)
+    if op == OP_MSG:
+        return _first_key(frame, msg_body_offset(frame))
+    if op == OP_QUERY:
+        ns, offset = query_doc_offset(frame)
+        if ns.endswith(".$cmd"):
+            name = _first_key(frame, offset)
+            if name in ("$query", "query"):
+                return next(iter(decode_query(frame)[4]), None)
+            return name
+    return None
+
+
+def check_msg_flags(frame: bytes) -> bytes:
+    """Validate an OP_MSG's flags; clear unknown optional bits (keeping a checksum valid).
+
+    Can raise ProtocolError for an unknown required bit.
+    """
+    flags = msg_flags(frame)
+    unknown = flags & ~_KNOWN_FLAGS
+    if not unknown:
+        return frame
+    if unknown & _REQUIRED_MASK:
+        raise ProtocolError(f"OP_MSG has unknown required flag bits {unknown:#x}")
+    flags &= ~unknown
+    out = bytearray(frame)
+    _UINT32.pack_into(out, 16, flags)
+    if flags & CHECKSUM_PRESENT:
+        _UINT32.pack_into(out, len(out) - 4, crc32c(bytes(out[:-4])))
+    return bytes(out)
+
+
+# --- decoding the few messages the proxy must read -------------------------------------
+
+def decode_msg_body(frame: bytes) -> dict[str, Any]:
+    """The kind-0 body of an OP_MSG as a dict. Can raise ProtocolError."""
+    offset = msg_body_offset(frame)
+    try:
+        size = _INT32.unpack_from(frame, offset)[0]
+        return bson.decode(frame[offset:offset + size])
+    except Exception as exc:
+        raise ProtocolError(f"bad OP_MSG body: {exc}") from exc
+
+
+def decode_query(frame: bytes) -> tuple[int, str, int, int, dict[str, Any]]:
+    """(flags, ns, numberToSkip, numberToReturn, query) of an OP_QUERY frame."""
+    flags = _INT32.unpack_from(frame, 16)[0]
+    ns, offset = query_doc_offset(frame)
+    skip, nret = struct.unpack_from("<ii", frame, offset - 8)
+    try:
+        size = _INT32.unpack_from(frame, offset)[0]
+        doc = bson.decode(frame[offset:offset + size])
+    except Exception as exc:
+        raise ProtocolError(f"bad OP_QUERY document: {exc}") from exc
+    if len(doc) and next(iter(doc)) in ("$query", "query") and isinstance(
+            doc.get("$query", doc.get("query")), dict):
+        doc = doc.get("$query", doc.get("query"))
+    return flags, ns, skip, nret, doc
+
+
+def decode_reply(frame: bytes) -> tuple[int, int, int, list[dict[str, Any]]]:
+    """(responseFlags, cursorID, startingFrom, documents) of an OP_REPLY frame."""
+    flags, cursor_id, starting, count = _REPLY_PREFIX.unpack_from(frame, 16)
+    try:
+        docs = bson.decode_all(frame[36:])
+    except Exception as exc:
+        raise ProtocolError(f"bad OP_REPLY documents: {exc}") from exc
+    if len(docs) != count:
+        raise ProtocolError(f"OP_REPLY says {count} documents, holds {len(docs)}")
+    return flags, cursor_id, starting, docs
+
+
+def reply_document(frame: bytes) -> dict[str, Any]:
+    """The (first) document of an OP_MSG or OP_REPLY reply."""
+    if opcode(frame) == OP_MSG:
+        return decode_msg_body(frame)
+    docs = decode_reply(frame)[3]
+    if not docs:
+        raise ProtocolError("OP_REPLY holds no document")
+    return docs[0]
+
+
+# --- building messages -----------------------------------------------------------------
+
+def _frame(op: int, body: bytes, req_id: int, resp_to: int) -> bytes:
+    return HEADER.pack(16 + len(body), req_id, resp_to, op) + body
+
+
+def op_msg(doc: dict[str, Any], resp_to: int = 0, flags: int = 0,
+           req_id: Optional[int] = None) -> bytes:
+    """An OP_MSG with one kind-0 body section."""
+    body = _UINT32.pack(flags) + b"\x00" + bson.encode(doc)
+    return _frame(OP_MSG, body, next_request_id() if req_id is None else req_id, resp_to)
+
+
+def op_reply(docs: list[dict[str, Any]], resp_to: int, flags: int = 0,
+             cursor_id: int = 0, starting: int = 0) -> bytes:
+    """An OP_REPLY carrying docs."""
+    payload = b"".join(bson.encode(d) for d in docs)
+    body = _REPLY_PREFIX.pack(flags, cursor_id, starting, len(docs)) + payload
+    return _frame(OP_REPLY, body, next_request_id(), resp_to)
+
+
+def op_query(ns: str, doc: dict[str, Any], number_to_return: int = -1, flags: int = 0,
+             req_id: Optional[int] = None) -> bytes:
+    """An OP_QUERY (legacy command when ns is ``db.$cmd``)."""
+    body = (_INT32.pack(flags) + ns.encode() + b"\x00"
+            + struct.pack("<ii", 0, number_to_return) + bson.encode(doc))
+    return _frame(OP_QUERY, body, next_request_id() if req_id is None else req_id, 0)
+
+
+def reply_like(request: bytes, doc: dict[str, Any], flags: int = 0) -> bytes:
+    """A one-document reply in the protocol of request (OP_MSG or OP_REPLY)."""
+    if opcode(request) == OP_MSG:
+        return op_msg(doc, resp_to=request_id(request), flags=flags)
+    return op_reply([doc], resp_to=request_id(request), flags=flags)
+
+
+def with_response_to(frame: bytes, resp_to: int) -> bytes:
+    """A copy of frame answering resp_to."""
+    out = bytearray(frame)
+    _INT32.pack_into(out, 8, resp_to)
+    return bytes(out)
+
+
+# --- OP_COMPRESSED ---------------------------------------------------------------------
+
+def decompress(frame: bytes) -> tuple[bytes, int]:
+    """(original frame, compressor id) of an OP_COMPRESSED frame. Can raise ProtocolError."""
+    if len(frame) < 25:
+        raise ProtocolError("truncated OP_COMPRESSED")
+    original_op, size, compressor = _COMPRESSED_PREFIX.unpack_from(frame, 16)
+    check_length(size + 16)
+    if compressor == COMPRESSOR_IDS["noop"]:
+        data = frame[25:]
+    elif compressor == COMPRESSOR_IDS["zlib"]:
+        try:
+            dec = zlib.decompressobj()
+            data = dec.decompress(frame[25:], size + 1)
+        except zlib.error as exc:
+            raise ProtocolError(f"bad zlib data: {exc}") from exc
+    else:
+        raise ProtocolError(f"unsupported compressor id {compressor}")
+    if len(data) != size:
+        raise ProtocolError(f"OP_COMPRESSED says {size} bytes, holds {len(data)}")
+    if original_op == OP_COMPRESSED:
+        raise ProtocolError("nested OP_COMPRESSED")
+    return HEADER.pack(16 + size, request_id(frame), response_to(frame), original_op) + data, compressor
+
+
+def compress(frame: bytes, compressor: int) -> bytes:
+    """frame wrapped in OP_COMPRESSED with the given compressor id (zlib or noop)."""
+    payload = frame[16:]
+    if compressor == COMPRESSOR_IDS["zlib"]:
+        payload = zlib.compress(payload, 1)
+    prefix = _COMPRESSED_PREFIX.pack(opcode(frame), len(frame) - 16, compressor)
+    return _frame(OP_COMPRESSED, prefix + payload, request_id(frame), response_to(frame))
+
+
+# --- CRC-32C (Castagnoli), for OP_MSG checksums ----------------------------------------
+
+def _crc32c_table() -> list[int]:
+    table = []
+    for i in range(256):
+        crc = i
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
+        table.append(crc)
+    return table
+
+
+_CRC32C_TABLE = _crc32c_table()
+
+
+def crc32c(data: bytes) -> int:
+    """CRC-32C of data (slow pure Python; used only when the proxy changes a checksummed message)."""
+    crc = 0xFFFFFFFF
+    table = _CRC32C_TABLE
+    for byte in data:
+        crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+def iter_frames(data: bytes) -> Iterator[bytes]:
+    """Split a buffer holding whole frames back to back (for tests and captures)."""
+    pos = 0
+    while pos + 4 <= len(data):
+        length = _INT32.unpack_from(data, pos)[0]
+        check_length(length)
+        yield data[pos:pos + length]
+        pos += length
