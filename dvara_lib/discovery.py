@@ -168,7 +168,7 @@ class DiscoveryThread(threading.Thread):
         self.app_version = app_version
         self._monitors: dict[str, MemberMonitor] = {}
         self._wake = threading.Event()
-        self._stop = threading.Event()
+        self._halt = threading.Event()
         self.polls = 0
 
     def wake(self) -> None:
@@ -176,11 +176,11 @@ class DiscoveryThread(threading.Thread):
         self._wake.set()
 
     def close(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self._wake.set()
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             self._wake.clear()
             try:
                 self.poll_once()

@@ -135,8 +135,8 @@ class Relay:
             if not client.send(reply):
                 return CLOSE
             wait = float(request.get("maxAwaitTimeMS", 10000)) / 1000.0
-            # The next reply of the stream answers this one.
-            next_frame = wire.with_response_to(frame, wire.request_id(reply))
+            # The next reply of the stream answers this one (OP_MSG exhaust rule).
+            next_frame = wire.with_request_id(frame, wire.request_id(reply))
             client.parked = ParkedHello(next_frame, request, name, time.monotonic() + wait,
                                         True, member.counter)
             return PARK
@@ -189,18 +189,16 @@ class Relay:
                        name: Optional[str], compressor: Optional[int]) -> str:
         """Relay the reply, or every reply of an exhaust stream; check conn back in."""
         member = client.member
-        expected = wire.request_id(frame)
         clean = False
         try:
+            reply = conn.read_frame()
+            if wire.response_to(reply) != wire.request_id(frame):
+                raise ProtocolError(f"server reply answers {wire.response_to(reply)}, "
+                                    f"not {wire.request_id(frame)}")
             while True:
-                reply = conn.read_frame()
-                if wire.response_to(reply) != expected:
-                    raise ProtocolError(f"server reply answers {wire.response_to(reply)}, "
-                                        f"not {expected}")
                 streaming = wire.more_to_come(reply)
                 if streaming:
                     member.stats.incr("replies.streamed")
-                    expected = wire.request_id(reply)
                 out = self._client_reply(reply, name, compressor)
                 member.stats.incr("bytes.out", len(out))
                 if not client.send(out):
@@ -209,6 +207,7 @@ class Relay:
                 if not streaming:
                     clean = True
                     return RESUME
+                reply = conn.read_frame()
         except (ConnectionFailure, ProtocolError) as exc:
             self._server_failed(member, conn, exc)
             conn = None

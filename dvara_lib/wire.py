@@ -304,10 +304,10 @@ def reply_like(request: bytes, doc: dict[str, Any], flags: int = 0) -> bytes:
     return op_reply([doc], resp_to=request_id(request), flags=flags)
 
 
-def with_response_to(frame: bytes, resp_to: int) -> bytes:
-    """A copy of frame answering resp_to."""
+def with_request_id(frame: bytes, req_id: int) -> bytes:
+    """A copy of frame carrying another requestID."""
     out = bytearray(frame)
-    _INT32.pack_into(out, 8, resp_to)
+    _INT32.pack_into(out, 4, req_id)
     return bytes(out)
 
 

@@ -1,0 +1,72 @@
+"""The optional services around the relay: the metrics emitter, the admin endpoint, /status."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import TYPE_CHECKING, Any, Callable
+
+from dvara_lib import __version__
+from dvara_lib.admin import AdminServer
+from dvara_lib.emitter import MetricsEmitter
+from dvara_lib.metrics import Metrics
+from dvara_lib.sinks import open_sinks
+from dvara_lib.topology import format_address
+
+if TYPE_CHECKING:
+    from dvara_lib.config import Settings
+    from dvara_lib.server import Server
+
+log = logging.getLogger("dvara.services")
+
+_SECRET_WORDS = ("password", "secret", "key")
+
+
+def start_services(settings: "Settings", metrics: Metrics,
+                   status_fn: Callable[[], dict[str, Any]]) -> list[Any]:
+    """Start what the settings ask for; each returned object has close()."""
+    services: list[Any] = []
+    sinks = open_sinks({"ganglia": [format_address(*a) for a in settings.ganglia]},
+                       settings.metrics_interval)
+    if sinks:
+        emitter = MetricsEmitter(metrics, sinks, settings.metrics_interval)
+        emitter.start()
+        services.append(emitter)
+    if settings.admin_addr is not None:
+        admin = AdminServer(settings.admin_addr, metrics, status_fn)
+        admin.open()
+        services.append(admin)
+    return services
+
+
+def status_document(server: "Server") -> dict[str, Any]:
+    """Members, pools, clients, uptime, version and config (secrets hidden)."""
+    counts = server.acceptor.counts() if server.acceptor else {"clients": 0, "busy": 0}
+    per_member = server.acceptor.clients_per_member() if server.acceptor else {}
+    members = []
+    for m in server.topology.members() if server.topology else []:
+        members.append({
+            "member": m.real, "proxy": m.proxy, "state": m.state, "up": m.up,
+            "pool": {"open": m.pool.open_count, "in_use": m.pool.in_use,
+                     "waiting": m.pool.waiting, "max": m.pool.max_size},
+            "clients": per_member.get(m.real, 0),
+        })
+    return {
+        "version": __version__,
+        "uptime_s": round(time.time() - server.started, 1),
+        "set_name": server.topology.set_name if server.topology else None,
+        "members": members,
+        "clients": {"connected": counts["clients"], "busy": counts["busy"],
+                    "max": server.settings.max_client_connections},
+        "config": _public_config(server.settings),
+    }
+
+
+def _public_config(settings: "Settings") -> dict[str, Any]:
+    out = {}
+    for key, value in dataclasses.asdict(settings).items():
+        if any(word in key for word in _SECRET_WORDS) and value:
+            value = "***"
+        out[key] = value if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
+    return out

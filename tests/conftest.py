@@ -1,0 +1,41 @@
+"""Fixtures: real backends (SecantusDB) and dvara, each a subprocess on free loopback ports."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+from tests.helpers import Dvara, Secantus
+
+
+@pytest.fixture(scope="module")
+def secantus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secantus]:
+    """One SecantusDB server shared by a test module (tests that harm it use their own)."""
+    server = Secantus(tmp_path_factory.mktemp("secantus"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def fresh_secantus(tmp_path: Path) -> Iterator[Secantus]:
+    """A SecantusDB server of this test's own, for tests that stop or kill it."""
+    server = Secantus(tmp_path)
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def start_dvara(tmp_path: Path) -> Iterator[Callable[..., Dvara]]:
+    """Start dvara (python dvara.py ...) in front of addrs; stopped at teardown."""
+    started: list[Dvara] = []
+
+    def start(addrs: str, *args: str, **kwargs) -> Dvara:
+        proxy = Dvara(tmp_path, addrs, *args, **kwargs)
+        started.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in started:
+        proxy.stop()

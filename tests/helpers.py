@@ -1,0 +1,230 @@
+"""Test helpers: free ports, wait-until, real backends and dvara as subprocesses, raw clients."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import bson
+
+from dvara_lib import wire
+
+ROOT = Path(__file__).resolve().parent.parent
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def wait_until(predicate: Callable[[], Any], what: str, timeout: float = 10.0,
+               step: float = 0.02) -> Any:
+    """Poll predicate until it returns something truthy; fail naming what was awaited."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(step)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def free_port_range(count: int) -> int:
+    """The first of count consecutive free ports, below the ephemeral range."""
+    for _ in range(200):
+        base = random.randrange(20000, 32000 - count)
+        socks = []
+        try:
+            for port in range(base, base + count):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise AssertionError("no free port range found")
+
+
+def accepts(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        socket.create_connection((host, port), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
+
+
+def require(tool: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        candidate = Path(sys.executable).with_name(tool)
+        if candidate.exists():
+            return str(candidate)
+        raise AssertionError(f"{tool} is not installed: run pip install -e '.[test]' "
+                             "and apt-get install -y ganglia-monitor")
+    return path
+
+
+class Process:
+    """A child process with its output in a log file; stopped by stop()."""
+
+    def __init__(self, argv: list[str], log_path: Path, env: Optional[dict] = None) -> None:
+        self.argv = argv
+        self.log_path = log_path
+        self._log = open(log_path, "ab")
+        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, env=env, cwd=ROOT,
+                                     start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def send_signal(self, sig: int) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> Optional[int]:
+        if self.proc.poll() is None:
+            try:
+                os.kill(self.proc.pid, signal.SIGCONT)
+                os.kill(self.proc.pid, sig)
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+            except ProcessLookupError:
+                pass
+        self._log.close()
+        return self.proc.returncode
+
+
+class Secantus(Process):
+    """A SecantusDB server on 127.0.0.1:port (a real MongoDB wire-protocol server)."""
+
+    def __init__(self, tmp: Path, port: Optional[int] = None, *extra: str) -> None:
+        self.port = port or free_port()
+        self.tmp = tmp
+        self.extra = extra
+        super().__init__(self._argv(), tmp / f"secantus-{self.port}.log")
+        wait_until(lambda: accepts(self.port) or self._died(), "SecantusDB to accept", 60)
+        assert self.proc.poll() is None, self.log()
+
+    def _argv(self) -> list[str]:
+        return [require("secantusd-py"), "--host", "127.0.0.1", "--port", str(self.port),
+                "--storage-path", ":memory:", "--log-level", "WARNING", *self.extra]
+
+    def _died(self) -> bool:
+        return self.proc.poll() is not None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def connections(self) -> int:
+        """Established TCP connections on the server's port (as the server sees them)."""
+        out = subprocess.run(["ss", "-tnH", "state", "established", f"( sport = :{self.port} )"],
+                             capture_output=True, text=True, check=True).stdout
+        return len([line for line in out.splitlines() if line.strip()])
+
+
+class Dvara(Process):
+    """dvara run as an operator runs it: python dvara.py with flags."""
+
+    def __init__(self, tmp: Path, addrs: str, *args: str, ports: int = 3,
+                 env: Optional[dict] = None, wait: bool = True) -> None:
+        self.port_start = free_port_range(ports)
+        self.port = self.port_start
+        argv = [sys.executable, str(ROOT / "dvara.py"), "--addrs", addrs,
+                "--port-start", str(self.port_start),
+                "--port-end", str(self.port_start + ports - 1),
+                "--discovery-interval", "500ms", *args]
+        full_env = {**os.environ, **(env or {})}
+        super().__init__(argv, tmp / f"dvara-{self.port_start}.log", full_env)
+        if wait:
+            wait_until(lambda: "dvara is ready" in self.log() or self.proc.poll() is not None,
+                       "dvara to start", 60)
+            assert self.proc.poll() is None, self.log()
+
+    def uri(self, **options: Any) -> str:
+        line = next(l for l in self.log().splitlines() if "connect with:" in l)
+        uri = line.split("connect with: ", 1)[1].strip()
+        extra = "".join(f"&{k}={v}" for k, v in options.items())
+        return uri + extra
+
+    def threads(self) -> int:
+        status = Path(f"/proc/{self.pid}/status").read_text()
+        return int(next(l for l in status.splitlines() if l.startswith("Threads:")).split()[1])
+
+
+class RawClient:
+    """A client that speaks raw wire frames over a plain socket."""
+
+    def __init__(self, port: int, timeout: float = 10.0) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def recv_frame(self) -> bytes:
+        return wire.read_frame(self.sock)
+
+    def command(self, doc: dict[str, Any], db: str = "admin") -> dict[str, Any]:
+        request = wire.op_msg({**doc, "$db": db})
+        self.send(request)
+        reply = self.recv_frame()
+        assert wire.response_to(reply) == wire.request_id(request)
+        return wire.decode_msg_body(reply)
+
+    def legacy_command(self, doc: dict[str, Any], db: str = "admin") -> dict[str, Any]:
+        request = wire.op_query(f"{db}.$cmd", doc)
+        self.send(request)
+        reply = self.recv_frame()
+        assert wire.opcode(reply) == wire.OP_REPLY
+        return wire.decode_reply(reply)[3][0]
+
+    def outcome(self, timeout: float) -> Any:
+        """"closed" if the proxy closes the connection, else the reply document it sends."""
+        self.sock.settimeout(timeout)
+        try:
+            return wire.reply_document(self.recv_frame())
+        except wire.ServerTimeout:
+            return "no answer"
+        except wire.ConnectionFailure:
+            return "closed"
+
+    def closed_by_peer(self, timeout: float = 5.0) -> bool:
+        """True once the proxy has closed this connection."""
+        self.sock.settimeout(timeout)
+        try:
+            while True:
+                data = self.sock.recv(65536)
+                if not data:
+                    return True
+        except (ConnectionResetError, BrokenPipeError):
+            return True
+        except socket.timeout:
+            return False
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def encode(doc: dict[str, Any]) -> bytes:
+    return bson.encode(doc)
