@@ -1,0 +1,376 @@
+"""Thread-safe counters, gauges and latency histograms per replica-set member."""
+
+# design: one MemberMetrics per member, each with one small lock that guards
+# a preallocated list of counter totals, a list of gauges and, per histogram,
+# a fixed ring of the last RESERVOIR_SIZE observations.  The hot path takes
+# that lock for a few integer/float stores and never does I/O under it.
+# snapshot() copies each member's state under its lock, then computes rates,
+# sums and percentiles outside it.  Counters keep a running total (for
+# Prometheus) and a baseline taken at the last interval reset (for Ganglia).
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from array import array
+from typing import Callable, NamedTuple, Optional, Sequence, Union
+
+PREFIX = "mongoproxy"
+DEFAULT_PORT_SUFFIX = ":27017"
+RESERVOIR_SIZE = 4096
+PERCENTILES = (("p50", 50.0), ("p95", 95.0), ("p99", 99.0))
+
+COUNTER, GAUGE, HISTOGRAM = "counter", "gauge", "histogram"
+
+
+class Measure(NamedTuple):
+    """One declared measure: name, kind, units of one count/value, help text."""
+
+    name: str
+    kind: str
+    units: str
+    help: str
+
+
+# The one table of every measure dvara records.  Counter units are the unit
+# of one count (Ganglia shows them per second); histogram units are those of
+# the emitted percentiles (observe() takes seconds).
+MEASURES: tuple[Measure, ...] = (
+    # clients
+    Measure("clients.connected", GAUGE, "clients", "Client connections open now"),
+    Measure("clients.connects", COUNTER, "conns", "Client connections accepted"),
+    Measure("clients.disconnects", COUNTER, "conns", "Client connections closed, for any reason"),
+    Measure("clients.rejected", COUNTER, "conns",
+            "Client connections refused at --max-client-connections"),
+    Measure("clients.idle_timeouts", COUNTER, "conns",
+            "Client connections closed for being idle too long"),
+    # messages
+    Measure("requests", COUNTER, "req", "Client messages proxied"),
+    Measure("requests.with_reply", COUNTER, "req", "Client messages that expect a reply"),
+    Measure("requests.mutations", COUNTER, "req",
+            "Client messages that write (insert/update/delete)"),
+    Measure("replies.streamed", COUNTER, "replies",
+            "Extra replies relayed for exhaust/moreToCome streams"),
+    Measure("bytes.in", COUNTER, "bytes", "Bytes read from clients"),
+    Measure("bytes.out", COUNTER, "bytes", "Bytes written to clients"),
+    Measure("latency", HISTOGRAM, "ms", "Time from a request's header read to its reply written"),
+    Measure("errors.proxy", COUNTER, "errors",
+            "Requests that failed while proxied (client closed)"),
+    Measure("errors.timeout", COUNTER, "errors",
+            "Requests whose server did not answer in --message-timeout"),
+    Measure("errors.bad_frame", COUNTER, "errors",
+            "Client messages that were not valid wire frames"),
+    # server connections
+    Measure("server.open", GAUGE, "conns", "Server connections open now (idle + in use)"),
+    Measure("server.in_use", GAUGE, "conns", "Server connections checked out now"),
+    Measure("server.created", COUNTER, "conns", "Server connections opened"),
+    Measure("server.closed", COUNTER, "conns", "Server connections closed or discarded"),
+    Measure("server.checkout_wait", HISTOGRAM, "ms",
+            "Time waited to check out a server connection"),
+    Measure("server.checkout_timeouts", COUNTER, "errors",
+            "Checkouts that gave up after --pool-wait-timeout"),
+    Measure("server.held", HISTOGRAM, "ms", "Time a server connection stayed checked out"),
+    # legacy getLastError
+    Measure("gle.pinned", GAUGE, "conns",
+            "Server connections pinned to a client for getLastError now"),
+    Measure("gle.pins", COUNTER, "pins", "Server connections pinned after a legacy write"),
+    Measure("gle.pin_timeouts", COUNTER, "pins",
+            "Pins released because no getLastError came in time"),
+    Measure("gle.answered_by_proxy", COUNTER, "calls",
+            "getLastError calls answered by dvara itself"),
+    Measure("legacy.writes", COUNTER, "writes", "Legacy OP_INSERT/OP_UPDATE/OP_DELETE messages"),
+    Measure("gle.calls", COUNTER, "calls", "getLastError commands seen"),
+    # topology
+    Measure("hello.answered", COUNTER, "replies", "hello/isMaster commands answered by dvara"),
+    Measure("hello.parked", GAUGE, "calls", "Awaitable hellos parked now"),
+    Measure("topology.changes", COUNTER, "changes",
+            "Changes seen in the replica set's members or states"),
+    Measure("member.up", GAUGE, "bool", "1 when the member answers, 0 when it is down"),
+)
+
+MEASURE_BY_NAME = {m.name: m for m in MEASURES}
+_COUNTERS = tuple(m.name for m in MEASURES if m.kind == COUNTER)
+_GAUGES = tuple(m.name for m in MEASURES if m.kind == GAUGE)
+_HISTOGRAMS = tuple(m.name for m in MEASURES if m.kind == HISTOGRAM)
+_COUNTER_INDEX = {name: i for i, name in enumerate(_COUNTERS)}
+_GAUGE_INDEX = {name: i for i, name in enumerate(_GAUGES)}
+_HISTOGRAM_INDEX = {name: i for i, name in enumerate(_HISTOGRAMS)}
+
+Number = Union[int, float]
+
+
+class Sample(NamedTuple):
+    """One value ready for a sink.
+
+    ``name`` is the measure name, with ``.p50``/``.p95``/``.p99``/``.max``/
+    ``.count``/``.sum`` appended for histograms; ``member`` is the member's
+    address or None for the sum over members.  ``value`` is what Ganglia
+    shows: the per-second rate over the interval for counters, the current
+    value for gauges, milliseconds for histogram percentiles.  ``total`` is
+    the running total since start for counters (and ``.count``/``.sum``).
+    """
+
+    name: str
+    value: Number
+    units: str
+    type_: str
+    slope: str
+    member: Optional[str]
+    kind: str = GAUGE
+    total: Optional[Number] = None
+
+    @property
+    def full_name(self) -> str:
+        """The dotted name sent to Ganglia: mongoproxy.[member.]name."""
+        return metric_name(self.name, self.member)
+
+
+def metric_name(name: str, member: Optional[str] = None) -> str:
+    """Return ``mongoproxy.<name>`` or ``mongoproxy.<member>.<name>``.
+
+    As in dvara, ":27017" is trimmed from the member; any other ":" becomes
+    "_" (gmond itself rewrites ":" in metric names that way, since rrdtool
+    cannot have it), so "db2:27018" gives "mongoproxy.db2_27018.<name>".
+    """
+    if member is None:
+        return f"{PREFIX}.{name}"
+    if member.endswith(DEFAULT_PORT_SUFFIX):
+        member = member[: -len(DEFAULT_PORT_SUFFIX)]
+    return f"{PREFIX}.{member.replace(':', '_')}.{name}"
+
+
+class _Reservoir:
+    """The last RESERVOIR_SIZE observations (seconds) plus interval/total stats.
+
+    Not locked itself: the owning MemberMetrics' lock guards it.
+    """
+
+    __slots__ = ("ring", "pos", "n", "max", "count", "sum")
+
+    def __init__(self) -> None:
+        self.ring = array("d", bytes(8 * RESERVOIR_SIZE))
+        self.pos = 0      # next slot to write
+        self.n = 0        # observations this interval
+        self.max = 0.0    # largest observation this interval
+        self.count = 0    # observations since start
+        self.sum = 0.0    # seconds observed since start
+
+    def values(self) -> array:
+        """Return a copy of this interval's retained observations (at most RESERVOIR_SIZE)."""
+        kept = min(self.n, RESERVOIR_SIZE)
+        if self.pos >= kept:
+            return self.ring[self.pos - kept: self.pos]
+        return self.ring[RESERVOIR_SIZE - (kept - self.pos):] + self.ring[: self.pos]
+
+    def reset_interval(self) -> None:
+        self.n = 0
+        self.max = 0.0
+
+
+class _HistState(NamedTuple):
+    """A copy of one histogram: this interval's values and max, totals, totals at reset."""
+
+    values: Sequence[float]
+    max: float
+    count: int
+    sum: float
+    base_count: int
+    base_sum: float
+
+
+class _MemberState(NamedTuple):
+    """A copy of one member's numbers, taken under its lock."""
+
+    counters: list[int]
+    baselines: list[int]
+    gauges: list[Number]
+    hist: list[_HistState]
+
+
+class MemberMetrics:
+    """The measures of one member; every method is safe from any thread.
+
+    Methods for callers: incr(), gauge_add(), gauge_set(), observe(),
+    value() (for tests and /status).  Names must be in MEASURES (KeyError if not).
+    """
+
+    def __init__(self, member: str) -> None:
+        self.member = member
+        self._lock = threading.Lock()
+        self._counters = [0] * len(_COUNTERS)
+        self._baselines = [0] * len(_COUNTERS)
+        self._gauges: list[Number] = [0] * len(_GAUGES)
+        self._hist = [_Reservoir() for _ in _HISTOGRAMS]
+        # Snapshots of counters/histograms as of the last interval reset.
+        self._hist_base = [(0, 0.0)] * len(_HISTOGRAMS)
+
+    def incr(self, name: str, n: int = 1) -> None:
+        """Add ``n`` to the counter ``name``."""
+        i = _COUNTER_INDEX[name]
+        with self._lock:
+            self._counters[i] += n
+
+    def gauge_add(self, name: str, delta: Number) -> None:
+        """Move the gauge ``name`` up or down by ``delta``."""
+        i = _GAUGE_INDEX[name]
+        with self._lock:
+            self._gauges[i] += delta
+
+    def gauge_set(self, name: str, value: Number) -> None:
+        """Set the gauge ``name`` to ``value``."""
+        i = _GAUGE_INDEX[name]
+        with self._lock:
+            self._gauges[i] = value
+
+    def observe(self, name: str, seconds: float) -> None:
+        """Record one duration, in seconds, in the histogram ``name``."""
+        r = self._hist[_HISTOGRAM_INDEX[name]]
+        with self._lock:
+            r.ring[r.pos] = seconds
+            r.pos = (r.pos + 1) % RESERVOIR_SIZE
+            r.n += 1
+            r.count += 1
+            r.sum += seconds
+            if seconds > r.max:
+                r.max = seconds
+
+    def value(self, name: str) -> Number:
+        """Return a counter's running total, a gauge's value or a histogram's count."""
+        with self._lock:
+            if name in _COUNTER_INDEX:
+                return self._counters[_COUNTER_INDEX[name]]
+            if name in _GAUGE_INDEX:
+                return self._gauges[_GAUGE_INDEX[name]]
+            return self._hist[_HISTOGRAM_INDEX[name]].count
+
+    def _take(self, reset_interval: bool) -> _MemberState:
+        """Copy this member's numbers under the lock, resetting the interval if asked."""
+        with self._lock:
+            counters = list(self._counters)
+            state = _MemberState(counters, list(self._baselines), list(self._gauges), [
+                _HistState(r.values(), r.max, r.count, r.sum, *base)
+                for r, base in zip(self._hist, self._hist_base)
+            ])
+            if reset_interval:
+                self._baselines = counters
+                self._hist_base = [(r.count, r.sum) for r in self._hist]
+                for r in self._hist:
+                    r.reset_interval()
+        return state
+
+
+def percentile(sorted_values: list[float], pct: float) -> float:
+    """Return the nearest-rank percentile of already sorted values (0.0 if empty)."""
+    if not sorted_values:
+        return 0.0
+    rank = max(1, math.ceil(pct / 100.0 * len(sorted_values)))
+    return sorted_values[rank - 1]
+
+
+class Metrics:
+    """All members' measures for one process.
+
+    Methods for callers: member(addr) -> MemberMetrics (created once, cached),
+    members(), snapshot(reset_interval) -> list[Sample].
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._members: dict[str, MemberMetrics] = {}
+        self._interval_start = clock()
+        self._snapshot_lock = threading.Lock()
+
+    def member(self, addr: str) -> MemberMetrics:
+        """Return the MemberMetrics for ``addr`` ("host:port"), creating it once."""
+        mm = self._members.get(addr)
+        if mm is None:
+            with self._lock:
+                mm = self._members.setdefault(addr, MemberMetrics(addr))
+        return mm
+
+    def members(self) -> list[str]:
+        """Return the member addresses seen so far, sorted."""
+        with self._lock:
+            return sorted(self._members)
+
+    def snapshot(self, reset_interval: bool) -> list[Sample]:
+        """Return every measure, per member and summed over members.
+
+        Counters report their per-second rate since the last reset (and their
+        running total); histograms their percentiles since the last reset.
+        With ``reset_interval`` a new interval starts (the Ganglia emitter
+        does this; /metrics does not).
+        """
+        with self._snapshot_lock:
+            now = self._clock()
+            elapsed = max(now - self._interval_start, 1e-3)
+            if reset_interval:
+                self._interval_start = now
+            with self._lock:
+                members = sorted(self._members.items())
+            states = [(addr, mm._take(reset_interval)) for addr, mm in members]
+        samples = _aggregate(states, elapsed)
+        for addr, state in states:
+            samples.extend(_member_samples(addr, state, elapsed))
+        return samples
+
+
+def _counter_samples(member: Optional[str], counters: list[int], baselines: list[int],
+                     elapsed: float) -> list[Sample]:
+    out = []
+    for i, name in enumerate(_COUNTERS):
+        rate = (counters[i] - baselines[i]) / elapsed
+        units = MEASURE_BY_NAME[name].units + "/s"
+        out.append(Sample(name, rate, units, "float", "both", member, COUNTER, counters[i]))
+    return out
+
+
+def _gauge_samples(member: Optional[str], gauges: list[Number]) -> list[Sample]:
+    out = []
+    for i, name in enumerate(_GAUGES):
+        value = gauges[i]
+        type_ = "int32" if isinstance(value, int) else "double"
+        out.append(Sample(name, value, MEASURE_BY_NAME[name].units, type_, "both", member, GAUGE))
+    return out
+
+
+def _histogram_samples(member: Optional[str], name: str, h: _HistState,
+                       elapsed: float) -> list[Sample]:
+    """Return name.p50/.p95/.p99/.max in ms, name.count and name.sum (ms) as counters."""
+    values = sorted(h.values)
+    out = [Sample(f"{name}.{label}", percentile(values, pct) * 1000.0, "ms", "float", "both",
+                  member, HISTOGRAM) for label, pct in PERCENTILES]
+    out.append(Sample(f"{name}.max", h.max * 1000.0, "ms", "float", "both", member, HISTOGRAM))
+    out.append(Sample(f"{name}.count", (h.count - h.base_count) / elapsed, "obs/s", "float",
+                      "both", member, COUNTER, h.count))
+    out.append(Sample(f"{name}.sum", (h.sum - h.base_sum) * 1000.0 / elapsed, "ms/s", "float",
+                      "both", member, COUNTER, h.sum * 1000.0))
+    return out
+
+
+def _member_samples(addr: str, s: _MemberState, elapsed: float) -> list[Sample]:
+    out = _counter_samples(addr, s.counters, s.baselines, elapsed)
+    out.extend(_gauge_samples(addr, s.gauges))
+    for name, h in zip(_HISTOGRAMS, s.hist):
+        out.extend(_histogram_samples(addr, name, h, elapsed))
+    return out
+
+
+def _aggregate(states: list[tuple[str, _MemberState]], elapsed: float) -> list[Sample]:
+    """Return the samples summed (or, for percentiles, merged) over all members."""
+    n_c, n_g = len(_COUNTERS), len(_GAUGES)
+    counters = [sum(s.counters[i] for _, s in states) for i in range(n_c)]
+    baselines = [sum(s.baselines[i] for _, s in states) for i in range(n_c)]
+    gauges = [sum(s.gauges[i] for _, s in states) for i in range(n_g)]
+    out = _counter_samples(None, counters, baselines, elapsed)
+    out.extend(_gauge_samples(None, gauges))
+    for j, name in enumerate(_HISTOGRAMS):
+        hs = [s.hist[j] for _, s in states]
+        merged = _HistState([v for h in hs for v in h.values],
+                            max((h.max for h in hs), default=0.0),
+                            sum(h.count for h in hs), sum(h.sum for h in hs),
+                            sum(h.base_count for h in hs), sum(h.base_sum for h in hs))
+        out.extend(_histogram_samples(None, name, merged, elapsed))
+    return out

@@ -1,0 +1,59 @@
+"""The Sink protocol metrics are emitted through, and open_sinks() to build them by kind."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Mapping, Optional, Protocol, Sequence, runtime_checkable
+
+from dvara_lib.errors import ConfigError
+from dvara_lib.metrics import Sample
+
+# Each kind is a module dvara_lib.sinks.<kind> with
+#     open_sink(targets: list[str], interval: float) -> Sink
+# A statsd sink is one new module (sinks/statsd.py) plus one option that puts
+# "statsd": [...] into the mapping given to open_sinks().
+KINDS = ("ganglia",)
+
+
+@runtime_checkable
+class Sink(Protocol):
+    """Where emitted samples go.  emit() must not raise and must not block for long."""
+
+    def emit(self, samples: Sequence[Sample]) -> None:
+        """Send one interval's samples."""
+
+    def close(self) -> None:
+        """Release sockets; emit() is not called again."""
+
+
+def parse_hostport(text: str, option: str, default_port: Optional[int] = None) -> tuple[str, int]:
+    """Split "host:port", "[v6addr]:port" (or a bare host when ``default_port`` is given).
+
+    Can raise ConfigError naming ``option``.
+    """
+    text = text.strip()
+    host, port = text, "" if default_port is None else str(default_port)
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else (port if not rest else "")
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    if not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ConfigError(f"{option}: bad address {text!r}; expected host:port")
+    return host, int(port)
+
+
+def open_sinks(targets_by_kind: Mapping[str, Sequence[str]], interval: float) -> list[Sink]:
+    """Return one sink per kind that has targets, e.g. {"ganglia": ["host:8649"]}.
+
+    Can raise ConfigError for an unknown kind or a malformed target.
+    """
+    sinks: list[Sink] = []
+    for kind, targets in targets_by_kind.items():
+        if not targets:
+            continue
+        if kind not in KINDS:
+            raise ConfigError(f"unknown metrics sink {kind!r}; expected one of {', '.join(KINDS)}")
+        module = importlib.import_module(f"{__name__}.{kind}")
+        sinks.append(module.open_sink(list(targets), interval))
+    return sinks

@@ -1,0 +1,258 @@
+"""Counter, gauge and histogram math of dvara_lib.metrics, snapshots and thread safety."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from dvara_lib.metrics import (COUNTER, GAUGE, HISTOGRAM, MEASURE_BY_NAME, MEASURES,
+                               RESERVOIR_SIZE, Metrics, Sample, metric_name, percentile)
+
+A, B = "127.0.0.1:27017", "127.0.0.1:27018"
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def by_key(samples: list[Sample]) -> dict[tuple[str, str | None], Sample]:
+    return {(s.name, s.member): s for s in samples}
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def metrics(clock: FakeClock) -> Metrics:
+    return Metrics(clock=clock)
+
+
+def test_table_declares_every_required_measure():
+    required = {
+        "clients.connected", "clients.connects", "clients.disconnects", "clients.rejected",
+        "clients.idle_timeouts", "requests", "requests.with_reply", "requests.mutations",
+        "replies.streamed", "bytes.in", "bytes.out", "latency", "errors.proxy", "errors.timeout",
+        "errors.bad_frame", "server.open", "server.in_use", "server.created", "server.closed",
+        "server.checkout_wait", "server.checkout_timeouts", "server.held", "gle.pinned",
+        "gle.pins", "gle.pin_timeouts", "gle.answered_by_proxy", "legacy.writes", "gle.calls",
+        "hello.answered", "hello.parked", "topology.changes", "member.up",
+    }
+    names = [m.name for m in MEASURES]
+    assert len(names) == len(set(names)) >= 25
+    assert required <= set(names)
+    for m in MEASURES:
+        assert m.kind in (COUNTER, GAUGE, HISTOGRAM) and m.units and m.help
+    gauges = {"clients.connected", "server.open", "server.in_use", "gle.pinned", "hello.parked",
+              "member.up"}
+    assert {m.name for m in MEASURES if m.kind == GAUGE} == gauges
+    assert {m.name for m in MEASURES if m.kind == HISTOGRAM} == {
+        "latency", "server.checkout_wait", "server.held"}
+
+
+def test_every_measure_is_documented():
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "metrics.md").read_text()
+    for m in MEASURES:
+        assert f"| `{m.name}` | {m.kind} | {m.units} |" in doc, m.name
+
+
+def test_counter_rate_and_total(metrics, clock):
+    mm = metrics.member(A)
+    mm.incr("requests")
+    mm.incr("requests", n=9)
+    clock.now += 5.0
+    s = by_key(metrics.snapshot(reset_interval=True))[("requests", A)]
+    assert (s.kind, s.value, s.total, s.units, s.type_, s.slope) == (
+        COUNTER, 2.0, 10, "req/s", "float", "both")
+    mm.incr("requests", n=30)
+    clock.now += 10.0
+    s = by_key(metrics.snapshot(reset_interval=False))[("requests", A)]
+    assert (s.value, s.total) == (3.0, 40)
+    clock.now += 5.0  # not reset: the interval is now 15 s long with 30 requests
+    s = by_key(metrics.snapshot(reset_interval=True))[("requests", A)]
+    assert (s.value, s.total) == (2.0, 40)
+    clock.now += 1.0
+    s = by_key(metrics.snapshot(reset_interval=True))[("requests", A)]
+    assert (s.value, s.total) == (0.0, 40)
+    assert mm.value("requests") == 40
+
+
+def test_gauges_add_set_and_sum_over_members(metrics):
+    a, b = metrics.member(A), metrics.member(B)
+    a.gauge_add("clients.connected", +1)
+    a.gauge_add("clients.connected", +1)
+    a.gauge_add("clients.connected", -1)
+    b.gauge_add("clients.connected", 5)
+    a.gauge_set("member.up", 1)
+    b.gauge_set("member.up", 0)
+    got = by_key(metrics.snapshot(reset_interval=True))
+    assert got[("clients.connected", A)].value == 1
+    assert got[("clients.connected", B)].value == 5
+    assert got[("clients.connected", None)].value == 6
+    assert got[("member.up", None)].value == 1
+    assert got[("clients.connected", None)].type_ == "int32"
+    # Gauges are not reset by an interval.
+    assert by_key(metrics.snapshot(reset_interval=True))[("clients.connected", A)].value == 1
+
+
+def test_counters_sum_over_members(metrics, clock):
+    metrics.member(A).incr("bytes.in", 100)
+    metrics.member(B).incr("bytes.in", 300)
+    clock.now += 4.0
+    s = by_key(metrics.snapshot(reset_interval=True))[("bytes.in", None)]
+    assert (s.value, s.total, s.units) == (100.0, 400, "bytes/s")
+
+
+def test_histogram_percentiles_in_ms(metrics, clock):
+    mm = metrics.member(A)
+    for ms in range(100, 0, -1):
+        mm.observe("latency", ms / 1000.0)
+    clock.now += 2.0
+    got = by_key(metrics.snapshot(reset_interval=True))
+    values = {k: got[(f"latency.{k}", A)].value for k in ("p50", "p95", "p99", "max")}
+    assert values == pytest.approx({"p50": 50.0, "p95": 95.0, "p99": 99.0, "max": 100.0})
+    count, total = got[("latency.count", A)], got[("latency.sum", A)]
+    assert (count.value, count.total) == (50.0, 100)
+    assert total.total == pytest.approx(5050.0) and total.value == pytest.approx(2525.0)
+    assert got[("latency.p50", A)].units == "ms"
+    # After the reset the interval is empty, but the running totals stay.
+    clock.now += 1.0
+    got = by_key(metrics.snapshot(reset_interval=True))
+    assert got[("latency.p99", A)].value == 0.0 and got[("latency.max", A)].value == 0.0
+    assert (got[("latency.count", A)].value, got[("latency.count", A)].total) == (0.0, 100)
+
+
+def test_histogram_keeps_last_reservoir_but_exact_max(metrics):
+    mm = metrics.member(A)
+    mm.observe("server.held", 10.0)  # overwritten in the ring, but still the interval max
+    for i in range(RESERVOIR_SIZE + 10):
+        mm.observe("server.held", 0.001 if i < 10 else 0.002)
+    got = by_key(metrics.snapshot(reset_interval=False))
+    assert got[("server.held.p50", A)].value == pytest.approx(2.0)
+    assert got[("server.held.max", A)].value == pytest.approx(10000.0)
+    assert got[("server.held.count", A)].total == RESERVOIR_SIZE + 11
+
+
+def test_histogram_percentiles_merge_members(metrics):
+    for ms in range(1, 51):
+        metrics.member(A).observe("server.checkout_wait", ms / 1000.0)
+    for ms in range(51, 101):
+        metrics.member(B).observe("server.checkout_wait", ms / 1000.0)
+    got = by_key(metrics.snapshot(reset_interval=True))
+    assert got[("server.checkout_wait.p50", None)].value == pytest.approx(50.0)
+    assert got[("server.checkout_wait.p95", None)].value == pytest.approx(95.0)
+    assert got[("server.checkout_wait.max", None)].value == pytest.approx(100.0)
+    assert got[("server.checkout_wait.p50", A)].value == pytest.approx(25.0)
+    assert got[("server.checkout_wait.count", None)].total == 100
+
+
+def test_percentile_nearest_rank():
+    assert percentile([], 50) == 0.0
+    assert percentile([7.0], 99) == 7.0
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.0
+    assert percentile([1.0, 2.0, 3.0, 4.0], 75) == 3.0
+    assert percentile([1.0, 2.0, 3.0, 4.0], 100) == 4.0
+
+
+def test_names_trim_default_port():
+    assert metric_name("requests") == "mongoproxy.requests"
+    assert metric_name("requests", "db1.example:27017") == "mongoproxy.db1.example.requests"
+    assert metric_name("latency.p95", "10.0.0.5:27018") == "mongoproxy.10.0.0.5_27018.latency.p95"
+    assert metric_name("requests", "[::1]:27017") == "mongoproxy.[__1].requests"
+    assert Sample("x", 1, "", "int32", "both", A).full_name == "mongoproxy.127.0.0.1.x"
+
+
+def test_snapshot_covers_every_measure_for_every_member(metrics):
+    metrics.member(B)
+    metrics.member(A)
+    samples = metrics.snapshot(reset_interval=False)
+    expected_names = set()
+    for m in MEASURES:
+        if m.kind == HISTOGRAM:
+            suffixes = ("p50", "p95", "p99", "max", "count", "sum")
+            expected_names |= {f"{m.name}.{k}" for k in suffixes}
+        else:
+            expected_names.add(m.name)
+    for member in (None, A, B):
+        assert {s.name for s in samples if s.member == member} == expected_names
+    assert len(samples) == 3 * len(expected_names)
+    assert metrics.members() == [A, B]
+
+
+def test_unknown_names_raise_key_error(metrics):
+    mm = metrics.member(A)
+    with pytest.raises(KeyError):
+        mm.incr("no.such.counter")
+    with pytest.raises(KeyError):
+        mm.gauge_add("requests", 1)  # a counter, not a gauge
+    with pytest.raises(KeyError):
+        mm.observe("requests", 0.1)
+    assert "requests" in MEASURE_BY_NAME
+
+
+def test_member_is_created_once_even_when_racing():
+    metrics = Metrics()
+    seen: list[object] = []
+    barrier = threading.Barrier(8, timeout=10)
+
+    def grab() -> None:
+        barrier.wait()
+        seen.append(metrics.member("db:27017"))
+
+    threads = [threading.Thread(target=grab) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert len(seen) == 8 and all(mm is seen[0] for mm in seen)
+
+
+def test_concurrent_updates_give_exact_totals():
+    metrics = Metrics()
+    n_threads, n_ops = 8, 5000
+    start = threading.Barrier(n_threads + 1, timeout=10)
+    deltas: list[float] = []
+    done = threading.Event()
+
+    def work(i: int) -> None:
+        mm = metrics.member(A if i % 2 else B)
+        start.wait()
+        for _ in range(n_ops):
+            mm.incr("requests")
+            mm.incr("bytes.in", 3)
+            mm.gauge_add("clients.connected", +1)
+            mm.observe("latency", 0.001)
+            mm.gauge_add("clients.connected", -1)
+
+    def snapshotter() -> None:
+        start.wait()
+        for _ in range(10_000):
+            for s in metrics.snapshot(reset_interval=True):
+                if s.name == "latency.count" and s.member is None:
+                    deltas.append(s.total)
+            if done.is_set():
+                return
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(n_threads)]
+    snap = threading.Thread(target=snapshotter)
+    for t in threads + [snap]:
+        t.start()
+    for t in threads:
+        t.join(60)
+    done.set()
+    snap.join(60)
+    assert not any(t.is_alive() for t in threads + [snap])
+    got = by_key(metrics.snapshot(reset_interval=False))
+    assert got[("requests", None)].total == n_threads * n_ops
+    assert got[("bytes.in", None)].total == 3 * n_threads * n_ops
+    assert got[("requests", A)].total == n_threads * n_ops // 2
+    assert got[("clients.connected", None)].value == 0
+    assert got[("latency.count", None)].total == n_threads * n_ops
+    assert deltas == sorted(deltas)  # running totals never go backwards
