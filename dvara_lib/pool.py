@@ -160,10 +160,12 @@ class Pool:
         log.debug("opened a connection to %s", self.name)
         return ServerConnection(sock, generation)
 
-    def checkin(self, conn: ServerConnection, reusable: bool = True) -> None:
+    def checkin(self, conn: ServerConnection, reusable: bool = True,
+                count_held: bool = True) -> None:
         """Give conn back; it is closed if not reusable, stale, or the pool is closed."""
         now = time.monotonic()
-        self.stats.held(now - conn.checked_out_at)
+        if count_held:
+            self.stats.held(now - conn.checked_out_at)
         with self._cond:
             keep = reusable and not conn.closed and not self._closed \
                 and conn.generation == self.generation
@@ -203,17 +205,24 @@ class Pool:
             for conn in expired:
                 self._idle.remove(conn)
             self._total -= len(expired)
-            to_open = min(self.min_idle - len(self._idle), self.max_size - self._total)
-            self._total += max(to_open, 0)
         for conn in expired:
             self._discard(conn)
-        for _ in range(max(to_open, 0)):
+        for _ in range(self.min_idle):
+            if not self._reserve_for_min_idle():
+                return
             try:
                 conn = self._open_reserved()
             except Exception as exc:
                 log.warning("could not pre-open a connection to %s: %s", self.name, exc)
                 return
-            self.checkin(conn)
+            self.checkin(conn, reusable=True, count_held=False)
+
+    def _reserve_for_min_idle(self) -> bool:
+        with self._cond:
+            if self._closed or len(self._idle) >= self.min_idle or self._total >= self.max_size:
+                return False
+            self._total += 1
+            return True
 
     def close(self) -> None:
         with self._cond:

@@ -154,9 +154,11 @@ class Server:
         try:
             sock.settimeout(timeout)
             run_hello(sock, hello_request(member.max_wire_version, True, __version__))
-        except (ConnectionFailure, ProtocolError, OSError):
+        except (ConnectionFailure, ProtocolError, OSError) as exc:
             sock.close()
-            raise
+            if isinstance(exc, ConnectionFailure):
+                raise
+            raise ConnectionFailure(f"handshake with {member.real} failed: {exc}") from exc
         return sock
 
     def _start_services(self) -> None:
