@@ -100,6 +100,10 @@ class Acceptor(threading.Thread):
         """Called by a worker when it is done with client."""
         self.call_soon(lambda: self._resume(client, verdict))
 
+    def retire(self, member: "Member") -> None:
+        """Close member's listener; its clients finish their message in flight, then close."""
+        self.call_soon(lambda: self._retire(member))
+
     def topology_changed(self, member: "Member") -> None:
         self.call_soon(lambda: self._answer_parked(member))
 
@@ -178,6 +182,13 @@ class Acceptor(threading.Thread):
             self._unregister(listener.sock)
             listener.sock.close()
 
+    def _retire(self, member: "Member") -> None:
+        self._remove_listener(member)
+        for client in [c for c in self._clients if c.member is member]:
+            client.closing = True
+            if client not in self._busy:
+                self._close(client, "member left the replica set")
+
     def _accept(self, listener: _Listener) -> None:
         for _ in range(_ACCEPT_BATCH):
             try:
@@ -248,8 +259,8 @@ class Acceptor(threading.Thread):
     def _resume(self, client: ClientConn, verdict: str) -> None:
         """A worker is done with client: close it, park it, or read its next message."""
         self._busy.discard(client)
-        if verdict == CLOSE or client.closed or (self._draining and verdict != PARK
-                                                 and client.pinned is None):
+        if verdict == CLOSE or client.closed or client.closing or (
+                self._draining and verdict != PARK and client.pinned is None):
             self._close(client, "closed by proxy" if verdict == CLOSE else "draining")
         else:
             self._selector.register(client.sock, selectors.EVENT_READ, client)

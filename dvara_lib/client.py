@@ -13,8 +13,9 @@ import itertools
 import logging
 import socket
 import struct
+import threading
 import time
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, BinaryIO, Optional
 
 from dvara_lib import wire
 from dvara_lib.errors import ProtocolError
@@ -28,6 +29,24 @@ log = logging.getLogger("dvara.client")
 _INT32 = struct.Struct("<i")
 _READ_CHUNK = 256 * 1024
 _connection_ids = itertools.count(1)
+
+
+class _Tee:
+    """--tee-file: a copy of every byte sent to clients (debugging and tests)."""
+
+    def __init__(self) -> None:
+        self.file: Optional[BinaryIO] = None
+        self.lock = threading.Lock()
+
+    def open(self, path: Optional[str]) -> None:
+        self.file = open(path, "ab", buffering=0) if path else None
+
+    def write(self, data: bytes) -> None:
+        with self.lock:
+            self.file.write(data)
+
+
+TEE = _Tee()
 
 
 class ParkedHello:
@@ -95,6 +114,8 @@ class ClientConn:
 
     def send(self, data: bytes) -> bool:
         """Write data to the client; False if the client is gone or too slow."""
+        if TEE.file is not None:
+            TEE.write(data)
         try:
             self.sock.sendall(data)
             return True

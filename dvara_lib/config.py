@@ -69,6 +69,7 @@ class Settings:
     log_level: str
     log_file: str | None
     state_file: str | None
+    tee_file: str | None
     member_map: tuple[tuple[Address, int], ...]
     ganglia: tuple[Address, ...]
     admin_addr: Address | None
@@ -341,6 +342,9 @@ _OPTIONS: tuple[_Option, ...] = (
             "log to this file", default_text="stderr"),
     _Option("state-file", _optional_path, None, "process", "PATH",
             "remember the member-to-port assignment in this file", default_text="none"),
+    _Option("tee-file", _optional_path, None, "process", "PATH",
+            "debugging: append every byte sent to clients to this file (slow)",
+            default_text="none"),
     # metrics
     _Option("admin-addr", _admin_addr, None, "metrics", "HOST:PORT",
             "serve metrics and status over HTTP on host:port", default_text="off"),

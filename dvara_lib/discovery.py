@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import socket
 import threading
@@ -136,19 +137,44 @@ class MemberMonitor:
         self.member = member
         self.timeout = timeout
         self.app_version = app_version
+        self.failures = 0
         self._sock: Optional[socket.socket] = None
 
-    def check(self) -> Optional[dict[str, Any]]:
-        """The member's hello now, or None if it cannot be reached."""
+    def check(self) -> Check:
+        """The member's hello now (None if it cannot be reached), and, from a primary,
+        the names its replSetGetStatus lists (hidden members show only there)."""
         try:
-            if self._sock is None:
-                self._sock = connect(self.member.address, self.timeout)
-                return run_hello(self._sock, hello_request(0, True, self.app_version))
-            return run_hello(self._sock, hello_request(self.member.max_wire_version, False))
+            hello = self._hello()
+            names = self._status_names() if hello.get("isWritablePrimary") or hello.get(
+                "ismaster") else []
         except (ConnectionFailure, ProtocolError, OSError) as exc:
-            log.warning("member %s did not answer its hello: %s", self.member.real, exc)
+            self.failures += 1
+            if self.failures & (self.failures - 1) == 0:   # 1st, 2nd, 4th, 8th... failure
+                log.warning("member %s did not answer its hello (%d time(s)): %s",
+                            self.member.real, self.failures, exc)
             self.close()
-            return None
+            return Check(self.member, None, [])
+        if self.failures:
+            log.info("member %s answers again after %d failed check(s)", self.member.real,
+                     self.failures)
+        self.failures = 0
+        return Check(self.member, hello, names)
+
+    def _hello(self) -> dict[str, Any]:
+        if self._sock is None:
+            self._sock = connect(self.member.address, self.timeout)
+            return run_hello(self._sock, hello_request(0, True, self.app_version))
+        return run_hello(self._sock, hello_request(self.member.max_wire_version, False))
+
+    def _status_names(self) -> list[str]:
+        """Member names from replSetGetStatus; [] if the server won't say."""
+        if self.member.max_wire_version < OP_MSG_WIRE_VERSION:
+            request = wire.op_query("admin.$cmd", {"replSetGetStatus": 1})
+        else:
+            request = wire.op_msg({"replSetGetStatus": 1, "$db": "admin"})
+        wire.send_all(self._sock, request)
+        doc = wire.reply_document(wire.read_frame(self._sock))
+        return [str(m["name"]) for m in doc.get("members") or [] if m.get("name")]
 
     def close(self) -> None:
         if self._sock is not None:
@@ -156,20 +182,41 @@ class MemberMonitor:
             self._sock = None
 
 
+@dataclass
+class Check:
+    """One member check: its hello (None if unreachable) and the names its status lists."""
+
+    member: "Member"
+    hello: Optional[dict[str, Any]]
+    status_names: list[str]
+
+
+Reconcile = Callable[[dict[str, Optional[dict[str, Any]]], list[str]], None]
+
+
 class DiscoveryThread(threading.Thread):
-    """Polls every member every interval (or at once when woken) and keeps pools healthy."""
+    """Checks every member every interval (at once when woken), each check on a small fixed
+    pool of monitor threads so that a slow or dead member never delays the others.
+    Results are applied in this thread only (the topology's single writer)."""
 
     def __init__(self, topology: "Topology", interval: float, timeout: float,
-                 app_version: str = "") -> None:
+                 app_version: str = "", reconcile: Optional[Reconcile] = None,
+                 monitor_threads: int = 4) -> None:
         super().__init__(name="dvara-discovery", daemon=True)
         self.topology = topology
         self.interval = interval
         self.timeout = timeout
         self.app_version = app_version
+        self.reconcile = reconcile
+        self._checks = start_thread_pool(monitor_threads, "dvara-monitor")
         self._monitors: dict[str, MemberMonitor] = {}
+        self._inflight: dict[str, concurrent.futures.Future[Check]] = {}
+        self._next_due: dict[str, float] = {}
+        self._latest: dict[str, Optional[dict[str, Any]]] = {}
+        self._status_names: list[str] = []
         self._wake = threading.Event()
         self._halt = threading.Event()
-        self.polls = 0
+        self.rounds = 0
 
     def wake(self) -> None:
         """Check every member now (a server connection failed or said the topology moved)."""
@@ -181,36 +228,101 @@ class DiscoveryThread(threading.Thread):
 
     def run(self) -> None:
         while not self._halt.is_set():
+            woken = self._wake.is_set()
             self._wake.clear()
             try:
-                self.poll_once()
+                self.tick(woken)
             except Exception:
-                log.exception("discovery poll failed; keeping the last known picture")
-            self._wake.wait(self.interval)
+                log.exception("discovery failed; keeping the last known picture")
+            self._wake.wait(0.05 if self._inflight else self._until_next_due())
+        self._checks.shutdown(wait=False, cancel_futures=True)
         for monitor in self._monitors.values():
             monitor.close()
 
+    def _until_next_due(self) -> float:
+        if not self._next_due:
+            return self.interval
+        return max(0.0, min(self._next_due.values()) - time.monotonic())
+
     def poll_once(self) -> None:
-        for member in self.topology.members():
-            monitor = self._monitors.get(member.real)
-            if monitor is None:
-                monitor = self._monitors[member.real] = MemberMonitor(
-                    member, self.timeout, self.app_version)
-            hello = monitor.check()
-            if hello is None and member.up:
-                member.pool.clear()
-            self.topology.update(member, hello)
-            member.stats.gauge_set("member.up", 1 if hello is not None else 0)
-            if hello is not None:
-                member.pool.maintain()
-        self.polls += 1
+        """Check every member now and apply the results (start-up; tests)."""
+        self.tick(force=True)
+        for future in list(self._inflight.values()):
+            try:
+                future.result(self.timeout + 5)
+            except concurrent.futures.TimeoutError:
+                pass
+        self.tick(force=False)
+
+    def tick(self, force: bool) -> None:
+        """Apply finished checks; start the checks that are due."""
+        changed = self._apply_finished()
+        now = time.monotonic()
+        members = self.topology.members()
+        for member in members:
+            if member.real in self._inflight:
+                continue
+            if force or now >= self._next_due.get(member.real, 0.0):
+                self._next_due[member.real] = now + self.interval
+                self._inflight[member.real] = self._checks.submit(self._monitor(member).check)
+        known = {m.real for m in members}
+        for real in list(self._next_due):
+            if real not in known:
+                self._forget(real)
+        if changed and self.reconcile is not None:
+            self.reconcile(dict(self._latest), list(self._status_names))
+
+    def _apply_finished(self) -> bool:
+        applied = False
+        for real, future in list(self._inflight.items()):
+            if not future.done():
+                continue
+            del self._inflight[real]
+            try:
+                check = future.result()
+            except Exception:
+                log.exception("checking %s failed", real)
+                continue
+            self._apply(check)
+            applied = True
+        if applied:
+            self.rounds += 1
+        return applied
+
+    def _apply(self, check: Check) -> None:
+        member, hello = check.member, check.hello
+        if self.topology.get(member.real) is not member:
+            return
+        if hello is None and member.up:
+            member.pool.clear()
+        self.topology.update(member, hello)
+        member.stats.gauge_set("member.up", 1 if hello is not None else 0)
+        self._latest[member.real] = hello
+        if check.status_names:
+            self._status_names = check.status_names
+        if hello is not None:
+            member.pool.maintain()
+
+    def _monitor(self, member: "Member") -> MemberMonitor:
+        monitor = self._monitors.get(member.real)
+        if monitor is None or monitor.member is not member:
+            monitor = self._monitors[member.real] = MemberMonitor(
+                member, self.timeout, self.app_version)
+        return monitor
+
+    def _forget(self, real: str) -> None:
+        self._next_due.pop(real, None)
+        self._latest.pop(real, None)
+        monitor = self._monitors.pop(real, None)
+        if monitor is not None:
+            monitor.close()
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float, step: float = 0.05) -> bool:
-    """Poll predicate until it holds or timeout passes (start-up helper)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return predicate()
+def start_thread_pool(count: int, prefix: str) -> concurrent.futures.ThreadPoolExecutor:
+    """A ThreadPoolExecutor with all its threads started now, so the count stays fixed."""
+    executor = concurrent.futures.ThreadPoolExecutor(count, thread_name_prefix=prefix)
+    barrier = threading.Barrier(count + 1)
+    for _ in range(count):
+        executor.submit(barrier.wait, 10)
+    barrier.wait(10)
+    return executor

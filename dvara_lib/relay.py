@@ -34,6 +34,9 @@ REWRITTEN_REPLIES = frozenset({"replSetGetStatus", "replSetGetConfig", "serverSt
 #: Commands counted as mutations (with the legacy write opcodes).
 MUTATIONS = frozenset({"insert", "update", "delete", "findAndModify", "findandmodify"})
 
+#: How long a hello to a member that was never checked may wait for its first check.
+FIRST_CHECK_WAIT = 10.0
+
 # Error codes drivers understand (see pymongo's retryable codes).
 EXCEEDED_TIME_LIMIT = 262
 HOST_UNREACHABLE = 6
@@ -112,6 +115,8 @@ class Relay:
         if "compression" in request:
             client.compressors = hello.negotiate_compression(request)
         wait = hello.wait_seconds(request, self.topology, member)
+        if member.answer is None:   # a new member, not checked yet: answer after its check
+            wait = FIRST_CHECK_WAIT
         exhaust = wire.opcode(frame) == wire.OP_MSG and bool(
             wire.msg_flags(frame) & wire.EXHAUST_ALLOWED)
         if wait > 0:

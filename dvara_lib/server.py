@@ -22,9 +22,11 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from dvara_lib import __version__
 from dvara_lib.acceptor import Acceptor
+from dvara_lib.client import TEE
 from dvara_lib.config import check_port_range
 from dvara_lib.discovery import (DiscoveryThread, connect, discover, hello_request,
-                                 run_hello)
+                                 run_hello, start_thread_pool)
+from dvara_lib.membership import PortBook, wanted_members
 from dvara_lib.errors import ConfigError, ConnectionFailure, ProtocolError
 from dvara_lib.metrics import MemberMetrics, Metrics
 from dvara_lib.pool import Pool, PoolStats
@@ -75,6 +77,7 @@ class Server:
         self.topology: Optional[Topology] = None
         self.acceptor: Optional[Acceptor] = None
         self.discovery: Optional[DiscoveryThread] = None
+        self.ports: Optional[PortBook] = None
         self.executor: Optional[concurrent.futures.ThreadPoolExecutor] = None
         self.started = time.time()
         self._signals: queue.SimpleQueue[int] = queue.SimpleQueue()
@@ -87,19 +90,23 @@ class Server:
         Can raise DiscoveryError or ConfigError.
         """
         s = self.settings
+        TEE.open(s.tee_file)
         found = discover(list(s.addrs), timeout=min(_DISCOVERY_TIMEOUT, s.message_timeout))
-        check_port_range(s, len(found.members))
+        self.ports = PortBook(s.port_start, s.port_end, s.member_map, s.state_file)
+        check_port_range(s, len([m for m in found.members if m not in self.ports.pinned]))
         self.topology = Topology(found.set_name)
-        self.executor = _start_workers(s.workers)
-        self.discovery = DiscoveryThread(self.topology, s.discovery_interval,
-                                         min(s.discovery_interval, 5.0), __version__)
+        self.executor = start_thread_pool(s.workers, "dvara-worker")
+        self.discovery = DiscoveryThread(
+            self.topology, s.discovery_interval, min(s.discovery_interval, 5.0), __version__,
+            reconcile=self.reconcile if found.set_name else None,
+            monitor_threads=min(8, len(self.ports.ports) + len(s.member_map)))
         relay = Relay(s, self.topology, self._handback,
                       on_server_failure=lambda m: self.discovery.wake())
         self.acceptor = Acceptor(s, self.executor, relay)
         self.topology.on_change(self.acceptor.topology_changed)
         self.topology.on_change(lambda m: m.stats.incr("topology.changes"))
-        for real, port in zip(found.members, self._assign_ports(found.members)):
-            self._add_member(real, port, found.hellos.get(real))
+        for real in found.members + self._mapped_extras(found.members):
+            self._add_member(real, found.hellos.get(real))
         self.discovery.poll_once()
         self.acceptor.start()
         self.discovery.start()
@@ -118,34 +125,60 @@ class Server:
     def _handback(self, client: Any, verdict: str) -> None:
         self.acceptor.handback(client, verdict)
 
-    def _assign_ports(self, members: list[str]) -> list[int]:
-        """Ports for members: --member-map first, then the free ports of the range in order."""
-        pinned = {format_address(*addr): port for addr, port in self.settings.member_map}
-        free = [p for p in range(self.settings.port_start, self.settings.port_end + 1)
-                if p not in pinned.values()]
-        ports = []
-        for real in members:
-            if real in pinned:
-                ports.append(pinned[real])
-            elif free:
-                ports.append(free.pop(0))
-            else:
-                raise ConfigError(f"--port-start/--port-end: no free port left for {real}")
-        return ports
+    def _mapped_extras(self, members: list[str]) -> list[str]:
+        """--member-map members the seeds did not list (hidden ones, say)."""
+        return [real for real in self.ports.pinned if real not in members]
 
-    def _add_member(self, real: str, port: int, hello: Optional[dict[str, Any]]) -> Member:
+    # -- membership ---------------------------------------------------------------------------
+    def reconcile(self, hellos: dict[str, Any], status_names: list[str]) -> None:
+        """Follow the set: open listeners for new members, retire removed ones.
+
+        Runs in the discovery thread. Nothing restarts as a whole.
+        """
+        current = {m.real: m for m in self.topology.members()}
+        extra = status_names + list(self.ports.pinned)
+        wanted = wanted_members(hellos, current, extra)
+        added = [real for real in wanted if real not in current]
+        removed = [m for real, m in current.items() if real not in wanted]
+        for real in added:
+            try:
+                self._add_member(real, None)
+            except ConfigError as exc:
+                log.error("cannot proxy new member %s: %s", real, exc)
+        for member in removed:
+            self._remove_member(member)
+        if added or removed:
+            self.topology.refresh()
+            self.discovery.wake()
+
+    def _add_member(self, real: str, hello: Optional[dict[str, Any]]) -> Optional[Member]:
         s = self.settings
+        port = self.ports.port_for(real, [m.proxy_port for m in self.topology.members()])
+        if port is None:
+            log.error("NO PORT LEFT for member %s: --port-start/--port-end %d-%d is too small "
+                      "for the replica set; clients cannot reach this member through dvara",
+                      real, s.port_start, s.port_end)
+            return None
         stats = self.metrics.member(real)
-        proxy = format_address(s.advertise_host, port)
         pool = Pool(real, lambda: self._connect(member), s.max_connections,
                     s.min_idle_connections, s.server_idle_timeout, _PoolMetrics(stats))
-        member = Member(real, proxy, port, pool, stats)
-        self.topology.add(member)
+        member = Member(real, format_address(s.advertise_host, port), port, pool, stats)
         if hello is not None:
             member.max_wire_version = int(hello.get("maxWireVersion", 0))
         sock = _listen(s.listen_host, port)
+        self.topology.add(member)
         self.acceptor.add_listener(sock, member)
+        log.info("proxying member %s on %s", real, member.proxy)
         return member
+
+    def _remove_member(self, member: Member) -> None:
+        """Stop accepting for member; its clients finish what is in flight and are closed."""
+        log.info("member %s left the replica set; closing its listener %s",
+                 member.real, member.proxy)
+        self.topology.remove(member)
+        self.acceptor.retire(member)
+        member.pool.close()
+        member.stats.gauge_set("member.up", 0)
 
     def _connect(self, member: Member) -> socket.socket:
         """A pooled server connection: TCP connect plus the proxy's own handshake."""
@@ -216,13 +249,3 @@ def _listen(host: str, port: int) -> socket.socket:
     except OSError as exc:
         raise ConfigError(f"--port-start/--port-end: cannot listen on {host}:{port}: "
                           f"{exc.strerror or exc}") from exc
-
-
-def _start_workers(count: int) -> concurrent.futures.ThreadPoolExecutor:
-    """A ThreadPoolExecutor with all its threads started now, so the count stays fixed."""
-    executor = concurrent.futures.ThreadPoolExecutor(count, thread_name_prefix="dvara-worker")
-    barrier = threading.Barrier(count + 1)
-    for _ in range(count):
-        executor.submit(barrier.wait, 10)
-    barrier.wait(10)
-    return executor

@@ -132,6 +132,7 @@ class Topology:
         up = hello is not None
         answer = self.rewrite_hello(hello) if hello is not None else member.answer
         changed = up != member.up or _stable(answer) != _stable(member.answer)
+        before = member.state
         if hello is not None:
             member.hello = hello
             member.max_wire_version = int(hello.get("maxWireVersion", 0))
@@ -139,10 +140,17 @@ class Topology:
         member.up = up
         if changed:
             member.counter += 1
-            log.info("member %s is now %s", member.real, member.state)
+            level = logging.INFO if member.state != before else logging.DEBUG
+            log.log(level, "member %s is now %s", member.real, member.state)
             for callback in self._listeners:
                 callback(member)
         return changed
+
+    def refresh(self) -> None:
+        """Rewrite every member's answer again (after the address map changed)."""
+        for member in self.members():
+            if member.hello is not None:
+                self.update(member, member.hello if member.up else None)
 
     def rewrite_hello(self, hello: dict[str, Any]) -> dict[str, Any]:
         """A copy of a server's hello naming proxy addresses only, per-connection fields dropped."""

@@ -148,8 +148,9 @@ class Dvara(Process):
     """dvara run as an operator runs it: python dvara.py with flags."""
 
     def __init__(self, tmp: Path, addrs: str, *args: str, ports: int = 3,
-                 env: Optional[dict] = None, wait: bool = True) -> None:
-        self.port_start = free_port_range(ports)
+                 env: Optional[dict] = None, wait: bool = True,
+                 port_start: Optional[int] = None) -> None:
+        self.port_start = port_start or free_port_range(ports)
         self.port = self.port_start
         argv = [sys.executable, str(ROOT / "dvara.py"), "--addrs", addrs,
                 "--port-start", str(self.port_start),

@@ -66,6 +66,7 @@ def test_defaults() -> None:
         log_level="info",
         log_file=None,
         state_file=None,
+        tee_file=None,
         member_map=(),
         ganglia=(),
         admin_addr=None,
