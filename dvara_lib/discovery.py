@@ -141,6 +141,12 @@ class MemberMonitor:
         self._sock: Optional[socket.socket] = None
 
     def check(self) -> Check:
+        started = time.monotonic()
+        result = self._check()
+        result.started = started
+        return result
+
+    def _check(self) -> Check:
         """The member's hello now (None if it cannot be reached), and, from a primary,
         the names its replSetGetStatus lists (hidden members show only there)."""
         try:
@@ -189,6 +195,7 @@ class Check:
     member: "Member"
     hello: Optional[dict[str, Any]]
     status_names: list[str]
+    started: float = 0.0
 
 
 Reconcile = Callable[[dict[str, Optional[dict[str, Any]]], list[str]], None]
@@ -262,7 +269,7 @@ class DiscoveryThread(threading.Thread):
         for member in members:
             if member.real in self._inflight:
                 continue
-            if force or now >= self._next_due.get(member.real, 0.0):
+            if force or member.suspect or now >= self._next_due.get(member.real, 0.0):
                 self._next_due[member.real] = now + self.interval
                 self._inflight[member.real] = self._checks.submit(self._monitor(member).check)
         known = {m.real for m in members}
@@ -295,7 +302,7 @@ class DiscoveryThread(threading.Thread):
             return
         if hello is None and member.up:
             member.pool.clear()
-        self.topology.update(member, hello)
+        self.topology.update(member, hello, checked_at=check.started)
         member.stats.gauge_set("member.up", 1 if hello is not None else 0)
         self._latest[member.real] = hello
         if check.status_names:

@@ -34,6 +34,15 @@ REWRITTEN_REPLIES = frozenset({"replSetGetStatus", "replSetGetConfig", "serverSt
 #: Commands counted as mutations (with the legacy write opcodes).
 MUTATIONS = frozenset({"insert", "update", "delete", "findAndModify", "findandmodify"})
 
+#: Byte strings that only a "not primary" / "node is recovering" / shutdown error reply
+#: holds; small replies are scanned for them (in C) before anything is decoded.
+STATE_CHANGE_MARKERS = (b"NotWritablePrimary", b"NotPrimary", b"InterruptedDueToReplStateChange",
+                        b"PrimarySteppedDown", b"ShutdownInProgress", b"InterruptedAtShutdown",
+                        b"not master", b"not primary", b"node is recovering")
+STATE_CHANGE_CODES = frozenset({10107, 13435, 13436, 11602, 189, 10058, 91, 11600})
+SHUTDOWN_CODES = frozenset({91, 11600})
+_SCANNED_REPLY_SIZE = 16 * 1024
+
 #: How long a hello to a member that was never checked may wait for its first check.
 FIRST_CHECK_WAIT = 10.0
 
@@ -50,11 +59,13 @@ class Relay:
     """The per-message work of the proxy. One instance, shared by every worker."""
 
     def __init__(self, settings: "Settings", topology: "Topology", handback: Handback,
-                 on_server_failure: Callable[["Member"], None] = lambda m: None) -> None:
+                 on_server_failure: Callable[["Member"], None] = lambda m: None,
+                 on_state_change: Callable[["Member", bool], None] = lambda m, s: None) -> None:
         self.settings = settings
         self.topology = topology
         self.handback = handback
         self.on_server_failure = on_server_failure
+        self.on_state_change = on_state_change
 
     # -- entry point --------------------------------------------------------------------
     def serve(self, client: ClientConn, frame: bytes) -> None:
@@ -115,13 +126,15 @@ class Relay:
         if "compression" in request:
             client.compressors = hello.negotiate_compression(request)
         wait = hello.wait_seconds(request, self.topology, member)
-        if member.answer is None:   # a new member, not checked yet: answer after its check
+        if member.answer is None or member.suspect:
+            # Never checked yet, or a reply just said it changed: answer after a fresh check.
             wait = FIRST_CHECK_WAIT
         exhaust = wire.opcode(frame) == wire.OP_MSG and bool(
             wire.msg_flags(frame) & wire.EXHAUST_ALLOWED)
         if wait > 0:
+            counter = -1 if member.suspect else member.counter
             client.parked = ParkedHello(frame, request, name, time.monotonic() + wait,
-                                        exhaust, member.counter)
+                                        exhaust, counter)
             return PARK
         return self.send_hello(client, frame, request, name, exhaust)
 
@@ -200,6 +213,8 @@ class Relay:
             if wire.response_to(reply) != wire.request_id(frame):
                 raise ProtocolError(f"server reply answers {wire.response_to(reply)}, "
                                     f"not {wire.request_id(frame)}")
+            if len(reply) < _SCANNED_REPLY_SIZE and any(m in reply for m in STATE_CHANGE_MARKERS):
+                self._check_state_change(member, reply)
             while True:
                 streaming = wire.more_to_come(reply)
                 if streaming:
@@ -220,6 +235,19 @@ class Relay:
         finally:
             if conn is not None:
                 member.pool.checkin(conn, clean)
+
+    def _check_state_change(self, member: "Member", reply: bytes) -> None:
+        """A "not primary", "node is recovering" or shutdown error: have discovery look now."""
+        try:
+            doc = wire.reply_document(reply)
+        except ProtocolError:
+            return
+        codes = {doc.get("code"), (doc.get("writeConcernError") or {}).get("code")}
+        codes.update(e.get("code") for e in doc.get("writeErrors") or [] if isinstance(e, dict))
+        hit = codes & STATE_CHANGE_CODES
+        if hit:
+            log.info("%s answered %s; checking the replica set now", member.real, sorted(hit))
+            self.on_state_change(member, bool(hit & SHUTDOWN_CODES))
 
     def _client_reply(self, reply: bytes, name: Optional[str], compressor: Optional[int]) -> bytes:
         if name in REWRITTEN_REPLIES:

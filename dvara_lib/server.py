@@ -101,7 +101,8 @@ class Server:
             reconcile=self.reconcile if found.set_name else None,
             monitor_threads=min(8, len(self.ports.ports) + len(s.member_map)))
         relay = Relay(s, self.topology, self._handback,
-                      on_server_failure=lambda m: self.discovery.wake())
+                      on_server_failure=lambda m: self.discovery.wake(),
+                      on_state_change=self._state_changed)
         self.acceptor = Acceptor(s, self.executor, relay)
         self.topology.on_change(self.acceptor.topology_changed)
         self.topology.on_change(lambda m: m.stats.incr("topology.changes"))
@@ -121,6 +122,13 @@ class Server:
         hosts = ",".join(m.proxy for m in self.topology.members())
         name = self.topology.set_name
         return f"mongodb://{hosts}/?" + (f"replicaSet={name}" if name else "directConnection=true")
+
+    def _state_changed(self, member: Member, shutting_down: bool) -> None:
+        """A relayed reply said member is no longer what clients think (SDAM error)."""
+        self.topology.suspect(member)
+        if shutting_down:
+            member.pool.clear()
+        self.discovery.wake()
 
     def _handback(self, client: Any, verdict: str) -> None:
         self.acceptor.handback(client, verdict)

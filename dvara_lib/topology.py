@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
 
 import bson
@@ -71,6 +72,13 @@ class Member:
         self.up = False
         self.counter = 0                               # proxy topologyVersion counter
         self.max_wire_version = 0
+        self.suspect_since = 0.0    # when a reply last said this member changed (monotonic)
+        self.checked_at = 0.0       # when the latest applied check started (monotonic)
+
+    @property
+    def suspect(self) -> bool:
+        """A relayed reply said this member changed and no check has confirmed it since."""
+        return self.suspect_since > self.checked_at
 
     @property
     def state(self) -> str:
@@ -127,8 +135,16 @@ class Topology:
         self._listeners.append(callback)
 
     # -- hello ----------------------------------------------------------------------------
-    def update(self, member: Member, hello: Optional[dict[str, Any]]) -> bool:
+    def suspect(self, member: Member) -> None:
+        """A relayed reply says member changed: hellos for it wait for a fresh check."""
+        member.suspect_since = time.monotonic()
+
+    def update(self, member: Member, hello: Optional[dict[str, Any]],
+               checked_at: Optional[float] = None) -> bool:
         """Record a member's latest hello (None: unreachable). True if clients must learn it."""
+        was_suspect = member.suspect
+        if checked_at is not None:
+            member.checked_at = max(member.checked_at, checked_at)
         up = hello is not None
         answer = self.rewrite_hello(hello) if hello is not None else member.answer
         changed = up != member.up or _stable(answer) != _stable(member.answer)
@@ -142,6 +158,7 @@ class Topology:
             member.counter += 1
             level = logging.INFO if member.state != before else logging.DEBUG
             log.log(level, "member %s is now %s", member.real, member.state)
+        if changed or (was_suspect and not member.suspect):
             for callback in self._listeners:
                 callback(member)
         return changed
