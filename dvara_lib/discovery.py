@@ -208,7 +208,7 @@ class DiscoveryThread(threading.Thread):
 
     def __init__(self, topology: "Topology", interval: float, timeout: float,
                  app_version: str = "", reconcile: Optional[Reconcile] = None,
-                 monitor_threads: int = 4) -> None:
+                 monitor_threads: int = 4, seeds: tuple[tuple[str, int], ...] = ()) -> None:
         super().__init__(name="dvara-discovery", daemon=True)
         self.topology = topology
         self.interval = interval
@@ -221,6 +221,9 @@ class DiscoveryThread(threading.Thread):
         self._next_due: dict[str, float] = {}
         self._latest: dict[str, Optional[dict[str, Any]]] = {}
         self._status_names: list[str] = []
+        self.seeds = seeds
+        self._seed_probes: dict[str, concurrent.futures.Future[dict[str, Any]]] = {}
+        self._next_seed_probe = 0.0
         self._wake = threading.Event()
         self._halt = threading.Event()
         self.rounds = 0
@@ -276,8 +279,30 @@ class DiscoveryThread(threading.Thread):
         for real in list(self._next_due):
             if real not in known:
                 self._forget(real)
+        if members and not any(m.up for m in members):
+            changed |= self._probe_seeds(now)
         if changed and self.reconcile is not None:
             self.reconcile(dict(self._latest), list(self._status_names))
+
+    def _probe_seeds(self, now: float) -> bool:
+        """No member answers: ask the seeds too (they may name members we do not know)."""
+        found = False
+        for name, future in list(self._seed_probes.items()):
+            if future.done():
+                del self._seed_probes[name]
+                try:
+                    hello = future.result()
+                except Exception:
+                    continue
+                if hello.get("setName") == self.topology.set_name:
+                    self._latest[normalize(name)] = hello
+                    found = True
+        if not self._seed_probes and now >= self._next_seed_probe:
+            self._next_seed_probe = now + self.interval
+            for seed in self.seeds:
+                self._seed_probes[format_address(*seed)] = self._checks.submit(
+                    probe, seed, self.timeout)
+        return found
 
     def _apply_finished(self) -> bool:
         applied = False

@@ -190,6 +190,8 @@ class Relay:
         """A server connection, or None after answering the client with an error."""
         member = client.member
         try:
+            if not member.up and member.answer is not None:
+                raise ConnectionFailure(f"{member.real} is down (last check failed)")
             return member.pool.checkout(self.settings.pool_wait_timeout)
         except PoolTimeout as exc:
             member.stats.incr("errors.timeout")

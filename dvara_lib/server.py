@@ -99,7 +99,7 @@ class Server:
         self.discovery = DiscoveryThread(
             self.topology, s.discovery_interval, min(s.discovery_interval, 5.0), __version__,
             reconcile=self.reconcile if found.set_name else None,
-            monitor_threads=min(8, len(self.ports.ports) + len(s.member_map)))
+            monitor_threads=min(8, len(self.ports.ports) + len(s.member_map)), seeds=s.addrs)
         relay = Relay(s, self.topology, self._handback,
                       on_server_failure=lambda m: self.discovery.wake(),
                       on_state_change=self._state_changed)
@@ -193,8 +193,8 @@ class Server:
         timeout = self.settings.message_timeout
         sock = connect(member.address, min(timeout, _DISCOVERY_TIMEOUT))
         try:
-            sock.settimeout(timeout)
             run_hello(sock, hello_request(member.max_wire_version, True, __version__))
+            sock.settimeout(timeout)
         except (ConnectionFailure, ProtocolError, OSError) as exc:
             sock.close()
             if isinstance(exc, ConnectionFailure):
