@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 from typing import Optional
@@ -46,6 +47,7 @@ def _run(settings: Settings) -> int:
     try:
         if settings.demo:
             demo = _start_demo(settings)
+            settings = dataclasses.replace(settings, addrs=(("127.0.0.1", settings.demo_port),))
         return Server(settings).run()
     except ConfigError as exc:
         print(f"dvara: error: {exc}", file=sys.stderr)
