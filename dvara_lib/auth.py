@@ -1,0 +1,530 @@
+"""Authentication: the proxy's own login to servers, and the gate clients log in through.
+
+# design:
+# Server side: ``configure_backend`` (at start) makes one process-wide ``BackendLogin``
+# from --username/--password(-file)/--auth-source/--auth-mechanism. Every pooled server
+# connection logs in right after its handshake, before the pool ever hands it out
+# (``login``); so does the monitoring connection (``login_monitor``), whose
+# replSetGetStatus needs it. A refused login backs the member off (0.5 s doubling to
+# 30 s): meanwhile new connections fail at once, without touching the server, and the
+# relay answers clients with an error instead of hammering the server or hanging.
+#
+# Client side: with --client-auth-file the ``Gate`` makes the proxy a SCRAM server.
+# A client's login state lives on its ClientConn (``client.auth``), touched only by the
+# thread that owns the client. The relay asks ``Gate.check`` about every message before
+# relaying it: one set lookup and two attribute reads for a logged-in read-write user.
+# The gate answers saslStart/saslContinue itself (and the speculativeAuthenticate of a
+# hello, through ``on_hello``) and never relays an authentication command: pooled server
+# connections are logged in as the proxy and shared by every client. Without
+# --client-auth-file but with --username, a gate still stands, only to refuse client
+# logins that would otherwise reach the shared connections. Failed logins are counted
+# per client IP; past --auth-failure-limit in a minute that IP's logins are refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import socket
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Optional
+
+from bson.binary import Binary
+
+from dvara_lib import scram, wire
+from dvara_lib.errors import AuthenticationFailure, ConfigError, ProtocolError
+from dvara_lib.userfile import User, UserFile
+
+if TYPE_CHECKING:
+    from dvara_lib.client import ClientConn
+    from dvara_lib.config import Settings
+
+log = logging.getLogger("dvara.auth")
+
+OP_MSG_WIRE_VERSION = 6
+_BACKOFF_FIRST, _BACKOFF_MAX = 0.5, 30.0
+_MAX_SASL_STEPS = 5
+
+# Error codes (MongoDB's error_codes.yml).
+UNAUTHORIZED = 13
+PROTOCOL_ERROR = 17
+AUTHENTICATION_FAILED = 18
+COMMAND_NOT_FOUND = 59
+MECHANISM_UNAVAILABLE = 334
+_CODE_NAMES = {UNAUTHORIZED: "Unauthorized", PROTOCOL_ERROR: "ProtocolError",
+               AUTHENTICATION_FAILED: "AuthenticationFailed",
+               COMMAND_NOT_FOUND: "CommandNotFound",
+               MECHANISM_UNAVAILABLE: "MechanismUnavailable"}
+
+#: Commands the gate always answers itself; none is ever relayed.
+AUTH_COMMANDS = frozenset({"saslStart", "saslContinue", "authenticate", "getnonce", "logout"})
+#: What mongod runs before a login (its commands with requiresAuth() false).
+PRE_AUTH_COMMANDS = frozenset({"hello", "isMaster", "ismaster", "ping", "buildInfo",
+                               "buildinfo"})
+#: What a read-only user may run: an allow-list, so unknown and new commands are refused.
+READ_COMMANDS = frozenset({
+    "find", "getMore", "killCursors", "aggregate", "count", "distinct", "mapReduce",
+    "mapreduce", "explain", "listCollections", "listIndexes", "listDatabases", "dbStats",
+    "dbstats", "collStats", "collstats", "dataSize", "datasize", "geoNear", "geoSearch",
+    "hello", "isMaster", "ismaster", "ping", "buildInfo", "buildinfo", "serverStatus",
+    "hostInfo", "whatsmyuri", "connectionStatus", "getParameter", "getCmdLineOpts",
+    "listCommands", "replSetGetStatus", "replSetGetConfig", "currentOp", "usersInfo",
+    "rolesInfo", "getLastError", "getlasterror", "getPrevError", "getpreverror",
+    "resetError", "reseterror", "startSession", "endSessions", "refreshSessions",
+    "commitTransaction", "abortTransaction", "features", "getLog",
+})
+_READ_OPCODES = frozenset({wire.OP_QUERY, wire.OP_GET_MORE, wire.OP_KILL_CURSORS})
+_WRITE_STAGES = ("$out", "$merge")
+
+
+# ======================================================================================
+# The proxy's own login (server side)
+# ======================================================================================
+
+class BackendLogin:
+    """Logs server connections in as the proxy's account. Thread-safe."""
+
+    def __init__(self, username: str, password: str, source: str, mechanism: str) -> None:
+        self.username = username
+        self._password = password
+        self.source = source
+        self.mechanism = scram.check_mechanism(mechanism)
+        self._keys: dict = {}                  # (mechanism, salt, iterations) -> keys
+        self._lock = threading.Lock()
+        self._failures: dict[str, tuple[int, float, str]] = {}  # member -> n, retry at, why
+
+    def __repr__(self) -> str:
+        return f"<BackendLogin {self.source}.{self.username} {self.mechanism}>"
+
+    @property
+    def who(self) -> str:
+        return f"{self.source}.{self.username}"
+
+    def check_backoff(self, member: str) -> None:
+        """Fail at once while member's last login failure is recent. Can raise
+        AuthenticationFailure."""
+        failure = self._failures.get(member)
+        if failure is not None and time.monotonic() < failure[1]:
+            raise AuthenticationFailure(
+                f"dvara cannot log in to {member} as {self.who} ({failure[2]}); "
+                f"next try in {failure[1] - time.monotonic():.1f}s")
+
+    def login(self, sock: socket.socket, hello: dict[str, Any], member: str) -> None:
+        """Log sock in (right after its handshake). Can raise AuthenticationFailure, or
+        ConnectionFailure for a network error."""
+        if hello.get("arbiterOnly"):
+            return                            # arbiters hold no users (auth spec)
+        try:
+            self._converse(sock, int(hello.get("maxWireVersion", 0)))
+        except AuthenticationFailure as exc:
+            self._failed(member, str(exc))
+            raise
+        except scram.ScramError as exc:
+            self._failed(member, str(exc))
+            raise AuthenticationFailure(str(exc)) from exc
+        self._succeeded(member)
+
+    def _converse(self, sock: socket.socket, max_wire: int) -> None:
+        client = scram.ScramClient(self.mechanism, self.username, self._password, self._keys)
+        reply = self._command(sock, max_wire, {
+            "saslStart": 1, "mechanism": self.mechanism, "payload": Binary(client.first()),
+            "autoAuthorize": 1, "options": {"skipEmptyExchange": True}})
+        conversation = reply.get("conversationId")
+        final = client.final(_payload_bytes(reply.get("payload")))
+        reply = self._command(sock, max_wire, {"saslContinue": 1, "conversationId": conversation,
+                                               "payload": Binary(final)})
+        client.verify(_payload_bytes(reply.get("payload")))
+        for _ in range(_MAX_SASL_STEPS):
+            if reply.get("done"):
+                return
+            reply = self._command(sock, max_wire, {"saslContinue": 1, "payload": Binary(b""),
+                                                   "conversationId": conversation})
+        raise AuthenticationFailure("the server never ended the SASL conversation")
+
+    def _command(self, sock: socket.socket, max_wire: int, doc: dict[str, Any]) -> dict[str, Any]:
+        """Run one authentication command. Can raise AuthenticationFailure, ConnectionFailure."""
+        if max_wire >= OP_MSG_WIRE_VERSION:
+            request = wire.op_msg({**doc, "$db": self.source})
+        else:
+            request = wire.op_query(f"{self.source}.$cmd", doc)
+        wire.send_all(sock, request)
+        frame = wire.read_frame(sock)
+        if wire.response_to(frame) != wire.request_id(request):
+            raise ProtocolError("authentication reply answers another request")
+        reply = wire.reply_document(frame)
+        if not reply.get("ok"):
+            raise AuthenticationFailure(
+                f"{reply.get('errmsg', 'refused')} (code {reply.get('code', '?')})")
+        return reply
+
+    def _failed(self, member: str, why: str) -> None:
+        with self._lock:
+            count, retry_at, _ = self._failures.get(member, (0, 0.0, ""))
+            now = time.monotonic()
+            if now >= retry_at:              # not a connection that raced the last failure
+                count += 1
+                retry_at = now + min(_BACKOFF_MAX, _BACKOFF_FIRST * 2 ** (count - 1))
+            self._failures[member] = (count, retry_at, why)
+        if count & (count - 1) == 0:        # the 1st, 2nd, 4th, 8th... failure
+            log.error("CANNOT LOG IN to %s as %s with %s: %s (%d failure(s)); its clients "
+                      "get errors until a login works; next try in %.1fs", member, self.who,
+                      self.mechanism, why, count, retry_at - time.monotonic())
+
+    def _succeeded(self, member: str) -> None:
+        if member in self._failures:
+            with self._lock:
+                count = self._failures.pop(member, (0,))[0]
+            log.info("logged in to %s as %s again after %d failure(s)", member, self.who, count)
+
+
+BACKEND: Optional[BackendLogin] = None
+
+
+def configure_backend(settings: "Settings") -> None:
+    """Set the proxy's own account from settings (none without --username).
+
+    Can raise ConfigError (an unreadable --password-file).
+    """
+    global BACKEND
+    if not settings.username:
+        BACKEND = None
+        return
+    BACKEND = BackendLogin(settings.username, backend_password(settings),
+                           settings.auth_source, settings.auth_mechanism)
+
+
+def backend_password(settings: "Settings") -> str:
+    """--password, or the first line of --password-file. Can raise ConfigError."""
+    if settings.password_file:
+        try:
+            with open(settings.password_file, encoding="utf-8") as f:
+                return f.readline().rstrip("\r\n")
+        except OSError as exc:
+            raise ConfigError(f"--password-file: cannot read {settings.password_file}: "
+                              f"{exc.strerror or exc}") from exc
+    return settings.password or ""
+
+
+def check_backoff(member: str) -> None:
+    """Hook for the pool's connector: fail fast while member's login is backed off."""
+    if BACKEND is not None:
+        BACKEND.check_backoff(member)
+
+
+def login(sock: socket.socket, hello: dict[str, Any], member: str) -> None:
+    """Hook for the pool's connector: log a new server connection in (no-op without
+    --username). Can raise AuthenticationFailure or ConnectionFailure."""
+    if BACKEND is not None:
+        BACKEND.login(sock, hello, member)
+
+
+def login_monitor(sock: socket.socket, hello: dict[str, Any], member: str) -> None:
+    """Hook for the monitoring connection. A refused login is not a dead member: hello
+    works without it, and only replSetGetStatus (then empty) needs it."""
+    if BACKEND is None:
+        return
+    try:
+        BACKEND.check_backoff(member)
+        BACKEND.login(sock, hello, member)
+    except AuthenticationFailure:
+        pass
+
+
+def _payload_bytes(payload: Any) -> bytes:
+    if isinstance(payload, str):
+        return scram.unb64(payload)
+    if isinstance(payload, (bytes, bytearray)):
+        return bytes(payload)
+    raise scram.ScramError("SASL reply without a payload")
+
+
+# ======================================================================================
+# The client gate (the proxy as a SCRAM server)
+# ======================================================================================
+
+class ClientAuth:
+    """One client's login state (``client.auth``)."""
+
+    __slots__ = ("user", "read_only", "conversation", "pending", "skip_empty", "as_text",
+                 "speculative")
+
+    def __init__(self) -> None:
+        self.user: Optional[User] = None       # logged in as
+        self.read_only = False
+        self.conversation: Optional[scram.ScramServer] = None
+        self.pending: Optional[User] = None    # the user the conversation is about
+        self.skip_empty = False
+        self.as_text = False                   # the client sends base64 strings
+        self.speculative = False               # the conversation began inside hello
+
+
+class FailureLimiter:
+    """Failed logins per client IP in the current minute. Thread-safe."""
+
+    def __init__(self, limit: int, window: float = 60.0, max_ips: int = 10000) -> None:
+        self.limit = limit
+        self.window = window
+        self.max_ips = max_ips
+        self._lock = threading.Lock()
+        self._counts: dict[str, list[float]] = {}   # ip -> [window start, failures]
+
+    def blocked(self, ip: str) -> bool:
+        entry = self._counts.get(ip)
+        return (entry is not None and entry[1] >= self.limit
+                and time.monotonic() - entry[0] < self.window)
+
+    def failed(self, ip: str) -> int:
+        """Count one failure; returns the failures of ip in its current window."""
+        now = time.monotonic()
+        with self._lock:
+            entry = self._counts.get(ip)
+            if entry is None or now - entry[0] >= self.window:
+                if len(self._counts) >= self.max_ips:
+                    self._prune(now)
+                entry = self._counts[ip] = [now, 0]
+            entry[1] += 1
+            return int(entry[1])
+
+    def _prune(self, now: float) -> None:
+        for ip in [ip for ip, e in self._counts.items() if now - e[0] >= self.window]:
+            del self._counts[ip]
+        while len(self._counts) >= self.max_ips:
+            del self._counts[next(iter(self._counts))]
+
+
+class Gate:
+    """What clients may do before and after logging in.
+
+    Methods for the relay: check() before relaying a message, on_hello() on every hello
+    answer the proxy builds.
+    """
+
+    def __init__(self, users: Optional[UserFile], failure_limit: int) -> None:
+        self.users = users                     # None: the proxy takes no client logins
+        self.limiter = FailureLimiter(failure_limit)
+        self._decoy_key = os.urandom(32)
+
+    @classmethod
+    def from_settings(cls, settings: "Settings") -> Optional["Gate"]:
+        """The gate settings ask for, or None. Can raise ConfigError (a bad user file)."""
+        if settings.client_auth_file:
+            return cls(UserFile(settings.client_auth_file), settings.auth_failure_limit)
+        if settings.username:
+            return cls(None, settings.auth_failure_limit)
+        return None
+
+    # -- every message -------------------------------------------------------------------
+    def check(self, client: "ClientConn", frame: bytes, op: int, name: Optional[str],
+              compressor: Optional[int]) -> Optional[bool]:
+        """None: relay the message. True: answered here. False: close the client.
+
+        Can raise ProtocolError.
+        """
+        if name in AUTH_COMMANDS:
+            return self._auth_command(client, frame, name, compressor)
+        if self.users is None:
+            return None
+        state = client.auth
+        if state is None or state.user is None:
+            if name in PRE_AUTH_COMMANDS:
+                return None
+            return self._refuse(client, frame, op, name, compressor,
+                                f"command {name or _op_name(op)} requires authentication")
+        if state.read_only and not _may_read(op, name, frame):
+            return self._refuse(client, frame, op, name, compressor,
+                                f"dvara: user {state.user.db}.{state.user.name} is read-only: "
+                                f"not authorized to execute command {name or _op_name(op)}")
+        return None
+
+    def _refuse(self, client: "ClientConn", frame: bytes, op: int, name: Optional[str],
+                compressor: Optional[int], errmsg: str) -> bool:
+        """Answer Unauthorized; a message that expects no reply closes the client."""
+        if not wire.expects_reply(frame):
+            log.info("closing %s: %s (the message expects no reply)", client, errmsg)
+            return False
+        if op == wire.OP_MSG or name is not None:
+            return _reply(client, frame, _error(UNAUTHORIZED, errmsg), compressor)
+        reply = wire.op_reply([{"$err": errmsg, "code": UNAUTHORIZED}], wire.request_id(frame),
+                              flags=wire.REPLY_QUERY_FAILURE)
+        return _send(client, reply, compressor)
+
+    # -- hello ---------------------------------------------------------------------------
+    def on_hello(self, client: "ClientConn", request: dict[str, Any], doc: dict[str, Any]) -> None:
+        """Add saslSupportedMechs and the speculativeAuthenticate reply to a hello answer."""
+        if self.users is None:
+            return
+        asked = request.get("saslSupportedMechs")
+        if isinstance(asked, str) and "." in asked:
+            db, _, name = asked.partition(".")
+            user = self.users.get(db, name)
+            doc["saslSupportedMechs"] = user.mechanisms if user else list(scram.MECHANISMS)
+        spec = request.get("speculativeAuthenticate")
+        if isinstance(spec, dict) and "saslStart" in spec:
+            answer = self._speculate(client, spec)
+            if answer is not None:
+                doc["speculativeAuthenticate"] = answer
+
+    def _speculate(self, client: "ClientConn", spec: dict[str, Any]) -> Optional[dict[str, Any]]:
+        """The first step of a login inside hello; None (no answer) if it cannot start.
+        The driver then logs in the usual way, which reports the failure."""
+        if self.limiter.blocked(client.peer_ip):
+            return None
+        try:
+            answer = self._start(client, spec, str(spec.get("db") or "admin"))
+            client.auth.speculative = True
+            return answer
+        except scram.ScramError:
+            state = client.auth
+            if state is not None:
+                state.conversation = state.pending = None
+            return None
+
+    # -- saslStart / saslContinue ------------------------------------------------------
+    def _auth_command(self, client: "ClientConn", frame: bytes, name: str,
+                      compressor: Optional[int]) -> bool:
+        request, db = _request(frame)
+        if name == "logout":
+            if client.auth is not None:
+                client.auth = None
+            return _reply(client, frame, {"ok": 1.0}, compressor)
+        if self.users is None:
+            return _reply(client, frame, _error(
+                AUTHENTICATION_FAILED, "dvara takes no client logins here (it has no "
+                "--client-auth-file): connect without credentials"), compressor)
+        if name == "getnonce":
+            return _reply(client, frame, _error(
+                COMMAND_NOT_FOUND, "no such command: getnonce (MONGODB-CR is not supported)"),
+                compressor)
+        if name == "authenticate":
+            return _reply(client, frame, _error(
+                MECHANISM_UNAVAILABLE, f"dvara: mechanism {request.get('mechanism', 'MONGODB-CR')}"
+                f" is not supported; use SCRAM-SHA-256 or SCRAM-SHA-1"), compressor)
+        if self.limiter.blocked(client.peer_ip):
+            return _reply(client, frame, _error(
+                AUTHENTICATION_FAILED, "Authentication failed: too many failed logins from "
+                f"{client.peer_ip}; try again later"), compressor)
+        try:
+            if name == "saslStart":
+                doc = self._start(client, request, db)
+            else:
+                doc = self._continue(client, request)
+        except scram.ScramError as exc:
+            return self._login_failed(client, frame, compressor, str(exc))
+        return _reply(client, frame, {**doc, "ok": 1.0}, compressor)
+
+    def _start(self, client: "ClientConn", request: dict[str, Any], db: str) -> dict[str, Any]:
+        """Begin a conversation (saslStart or speculativeAuthenticate). Can raise ScramError."""
+        mechanism = request.get("mechanism")
+        if mechanism not in scram.MECHANISMS:
+            raise scram.ScramError(f"mechanism {mechanism!r} is not supported")
+        state = client.auth = client.auth or ClientAuth()
+        state.as_text = isinstance(request.get("payload"), str)
+        client_first = _payload_bytes(request.get("payload"))
+        user = self.users.get(db, scram.ScramServer.user_of(client_first))
+        credential = user.credentials.get(mechanism) if user else None
+        state.conversation = scram.ScramServer(mechanism, credential, self._decoy)
+        state.pending = user if credential else None
+        options = request.get("options")
+        state.skip_empty = isinstance(options, dict) and bool(options.get("skipEmptyExchange"))
+        state.speculative = False
+        server_first = state.conversation.first(client_first)
+        return {"conversationId": 1, "done": False, "payload": self._out(state, server_first)}
+
+    def _continue(self, client: "ClientConn", request: dict[str, Any]) -> dict[str, Any]:
+        state = client.auth
+        conversation = state.conversation if state is not None else None
+        if conversation is None or request.get("conversationId", 1) != 1:
+            raise scram.ScramError("no SASL conversation in progress on this connection")
+        payload = _payload_bytes(request.get("payload", b""))
+        if conversation.done:                 # the client's empty last step
+            state.conversation = None
+            return {"conversationId": 1, "done": True, "payload": self._out(state, b"")}
+        server_final = conversation.final(payload)
+        user = state.pending
+        state.user, state.read_only, state.pending = user, user.read_only, None
+        log.debug("%s logged in as %s.%s (%s%s)", client, user.db, user.name,
+                  conversation.mechanism, ", speculative" if state.speculative else "")
+        if state.skip_empty:
+            state.conversation = None
+        return {"conversationId": 1, "done": state.skip_empty,
+                "payload": self._out(state, server_final)}
+
+    def _login_failed(self, client: "ClientConn", frame: bytes, compressor: Optional[int],
+                      why: str) -> bool:
+        state = client.auth
+        who = "?"
+        if state is not None:
+            if state.conversation is not None and state.conversation.username is not None:
+                who = state.conversation.username
+            state.conversation = state.pending = None
+        count = self.limiter.failed(client.peer_ip)
+        if count & (count - 1) == 0 or count == self.limiter.limit:
+            blocked = " (now refused for a while)" if count >= self.limiter.limit else ""
+            log.warning("client login failed from %s as %r: %s (%d failure(s) from that "
+                        "address this minute)%s", client.peer_ip, who, why, count, blocked)
+        return _reply(client, frame, _error(AUTHENTICATION_FAILED, "Authentication failed."),
+                      compressor)
+
+    def _decoy(self, username: str) -> tuple[bytes, int]:
+        """A stable made-up salt for an unknown user (unknown looks like wrong password)."""
+        salt = hmac.new(self._decoy_key, username.encode("utf-8"), hashlib.sha256).digest()
+        return salt[:28], scram.DEFAULT_ITERATIONS[scram.SHA256]
+
+    @staticmethod
+    def _out(state: ClientAuth, data: bytes) -> Any:
+        return scram.b64(data) if state.as_text else Binary(data)
+
+
+# -- helpers --------------------------------------------------------------------------
+
+def _may_read(op: int, name: Optional[str], frame: bytes) -> bool:
+    """Whether a read-only user may send this message."""
+    if name is None:
+        return op in _READ_OPCODES
+    if name not in READ_COMMANDS:
+        return False
+    if name == "aggregate" or name in ("mapReduce", "mapreduce"):
+        return not _writes_output(name, _request(frame)[0])
+    return True
+
+
+def _writes_output(name: str, request: dict[str, Any]) -> bool:
+    """An aggregate with $out/$merge, or a mapReduce not returning its result inline."""
+    if name == "aggregate":
+        stages = request.get("pipeline") or []
+        return any(isinstance(s, dict) and any(k in s for k in _WRITE_STAGES) for s in stages)
+    out = request.get("out")
+    return not (isinstance(out, dict) and "inline" in out)
+
+
+def _request(frame: bytes) -> tuple[dict[str, Any], str]:
+    """(command document, its database). Can raise ProtocolError."""
+    if wire.opcode(frame) == wire.OP_MSG:
+        doc = wire.decode_msg_body(frame)
+        return doc, str(doc.get("$db", "admin"))
+    _, ns, _, _, doc = wire.decode_query(frame)
+    return doc, ns.split(".", 1)[0]
+
+
+def _error(code: int, errmsg: str) -> dict[str, Any]:
+    return {"ok": 0.0, "errmsg": errmsg, "code": code, "codeName": _CODE_NAMES[code]}
+
+
+def _reply(client: "ClientConn", frame: bytes, doc: dict[str, Any],
+           compressor: Optional[int]) -> bool:
+    return _send(client, wire.reply_like(frame, doc), compressor)
+
+
+def _send(client: "ClientConn", reply: bytes, compressor: Optional[int]) -> bool:
+    if compressor is not None:
+        reply = wire.compress(reply, compressor)
+    return client.send(reply)
+
+
+def _op_name(op: int) -> str:
+    return {wire.OP_QUERY: "query", wire.OP_GET_MORE: "getMore", wire.OP_INSERT: "insert",
+            wire.OP_UPDATE: "update", wire.OP_DELETE: "delete",
+            wire.OP_KILL_CURSORS: "killCursors"}.get(op, f"opcode {op}")

@@ -1,0 +1,237 @@
+"""TLS on both sides: clients of the proxy's listeners, and the proxy's own server connections.
+
+# design:
+# Client side: the acceptor owns idle client sockets and reads them non-blocking, so the
+# TLS handshake runs there too, a step per readable event, never blocking the thread:
+# ``ClientTLS.admit`` gives a new client a ``reader`` that ``ClientConn.fill`` calls
+# instead of its plain recv. With --tls-mode allow the first reader peeks at the first
+# byte (0x16 opens a TLS handshake record) and then goes TLS or stays plain. Once the
+# handshake is done the reader decrypts what the socket has, and drains whatever
+# OpenSSL holds already decrypted (``pending``), which select() cannot see. The socket
+# is switched to non-blocking only inside the reader: workers write to it with the
+# usual --message-timeout, and only ever when the acceptor is not reading it. The
+# acceptor closes a client whose handshake is not done within ``handshake_timeout``.
+# Server side: ``configure`` (at start) makes one client context; ``wrap_backend``
+# is called by discovery.connect on every server socket (probes, monitors, pools).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import time
+from typing import TYPE_CHECKING, Optional
+
+from dvara_lib.errors import ConfigError, ConnectionFailure
+
+if TYPE_CHECKING:
+    from dvara_lib.client import ClientConn
+    from dvara_lib.config import Settings
+
+log = logging.getLogger("dvara.tls")
+
+DISABLED, ALLOW, REQUIRE = "disabled", "allow", "require"
+TLS_MODES = (DISABLED, ALLOW, REQUIRE)
+#: The first byte of a TLS record carrying a handshake (a ClientHello).
+TLS_HANDSHAKE_BYTE = 0x16
+_READ_CHUNK = 256 * 1024
+_FAIR_SHARE = 1024 * 1024      # read at most about this much per readable event
+_WAITING = (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError, InterruptedError)
+
+
+class _Throttle:
+    """At most one log line per interval; counts what it held back."""
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self.interval = interval
+        self._next = 0.0
+        self._held = 0
+
+    def log(self, level: int, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            self._held += 1
+            return
+        held, self._held, self._next = self._held, 0, now + self.interval
+        suffix = f" (and {held} more like it in the last {self.interval:.0f}s)" if held else ""
+        log.log(level, msg + suffix, *args)
+
+
+def server_context(settings: "Settings") -> ssl.SSLContext:
+    """The listeners' context. Can raise ConfigError naming the option."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)
+    _load(ctx.load_cert_chain, "--tls-cert-file/--tls-key-file", settings.tls_cert_file,
+          settings.tls_key_file)
+    if settings.tls_ca_file:
+        _load(ctx.load_verify_locations, "--tls-ca-file", settings.tls_ca_file)
+        ctx.verify_mode = ssl.CERT_REQUIRED if settings.tls_require_client_cert \
+            else ssl.CERT_OPTIONAL
+    return ctx
+
+
+def backend_context(settings: "Settings") -> ssl.SSLContext:
+    """The context of server connections (checks the server's certificate and name).
+
+    Can raise ConfigError naming the option.
+    """
+    ctx = ssl.create_default_context()
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if settings.backend_tls_ca_file:
+        _load(ctx.load_verify_locations, "--backend-tls-ca-file", settings.backend_tls_ca_file)
+    if settings.backend_tls_cert_file:
+        _load(ctx.load_cert_chain, "--backend-tls-cert-file/--backend-tls-key-file",
+              settings.backend_tls_cert_file, settings.backend_tls_key_file)
+    return ctx
+
+
+def _load(fn, option: str, *paths: Optional[str]) -> None:
+    try:
+        fn(*paths)
+    except (OSError, ssl.SSLError) as exc:
+        shown = ", ".join(p for p in paths if p)
+        raise ConfigError(f"{option}: cannot load {shown}: {exc.strerror or exc}") from exc
+
+
+# -- server connections -----------------------------------------------------------------
+
+_BACKEND: Optional[ssl.SSLContext] = None
+
+
+def configure(settings: "Settings") -> None:
+    """Use TLS on every server connection from now on if --backend-tls says so, and check
+    the client side's files now (before discovery). Can raise ConfigError.
+    """
+    global _BACKEND
+    _BACKEND = backend_context(settings) if settings.backend_tls else None
+    if settings.tls_mode != DISABLED:
+        server_context(settings)
+
+
+def wrap_backend(sock: socket.socket, address: tuple[str, int]) -> socket.socket:
+    """sock, or sock wrapped in TLS (handshake done) with --backend-tls; the server's
+    certificate must name address's host.
+
+    Can raise ConnectionFailure (the socket is then closed).
+    """
+    if _BACKEND is None:
+        return sock
+    try:
+        return _BACKEND.wrap_socket(sock, server_hostname=address[0])
+    except (ssl.SSLError, OSError) as exc:
+        sock.close()
+        raise ConnectionFailure(f"TLS handshake with {address[0]}:{address[1]} failed: "
+                                f"{exc}") from exc
+
+
+# -- client connections -----------------------------------------------------------------
+
+class ClientTLS:
+    """TLS for accepted clients. Methods for the acceptor: admit(), handshaking()."""
+
+    def __init__(self, context: ssl.SSLContext, mode: str, handshake_timeout: float) -> None:
+        self.context = context
+        self.mode = mode
+        self.handshake_timeout = handshake_timeout
+        self._failures = _Throttle()
+
+    @classmethod
+    def from_settings(cls, settings: "Settings") -> Optional["ClientTLS"]:
+        """None unless --tls-mode is allow or require. Can raise ConfigError."""
+        if settings.tls_mode == DISABLED:
+            return None
+        return cls(server_context(settings), settings.tls_mode,
+                   min(settings.message_timeout, 10.0))
+
+    def admit(self, client: "ClientConn") -> None:
+        """Give a new client its TLS reader (its socket is still plain)."""
+        client.reader = self._peek if self.mode == ALLOW else self._start
+
+    def handshaking(self, client: "ClientConn") -> bool:
+        """True while client has not finished (or started) its handshake."""
+        return client.reader in (self._peek, self._start, self._handshake)
+
+    def _peek(self, client: "ClientConn") -> bool:
+        """--tls-mode allow: TLS if the first byte opens a handshake, plain otherwise."""
+        sock = client.sock
+        timeout = sock.gettimeout()
+        sock.settimeout(0.0)
+        try:
+            first = sock.recv(1, socket.MSG_PEEK)
+        except _WAITING:
+            return True
+        except OSError:
+            return False
+        finally:
+            sock.settimeout(timeout)
+        if not first:
+            return False
+        if first[0] == TLS_HANDSHAKE_BYTE:
+            return self._start(client)
+        client.reader = None
+        return client.fill()
+
+    def _start(self, client: "ClientConn") -> bool:
+        timeout = client.sock.gettimeout()
+        try:
+            client.sock = self.context.wrap_socket(client.sock, server_side=True,
+                                                   do_handshake_on_connect=False)
+        except (ssl.SSLError, OSError) as exc:
+            self._failed(client, exc)
+            return False
+        client.sock.settimeout(timeout)
+        client.reader = self._handshake
+        return self._handshake(client)
+
+    def _handshake(self, client: "ClientConn") -> bool:
+        sock = client.sock
+        timeout = sock.gettimeout()
+        sock.settimeout(0.0)
+        try:
+            sock.do_handshake()
+        except _WAITING:
+            return True
+        except (ssl.SSLError, ssl.CertificateError, OSError) as exc:
+            self._failed(client, exc)
+            return False
+        finally:
+            sock.settimeout(timeout)
+        client.reader = read
+        log.debug("%s: TLS %s %s", client, sock.version(), (sock.cipher() or ("?",))[0])
+        return read(client)           # the client may have sent its first message already
+
+    def _failed(self, client: "ClientConn", exc: BaseException) -> None:
+        reason = getattr(exc, "reason", None) or exc
+        self._failures.log(logging.WARNING, "TLS handshake with a client from %s on %s "
+                           "failed: %s", client.peer_ip, client.member.proxy, reason)
+
+
+def read(client: "ClientConn") -> bool:
+    """Read what a TLS client sent (non-blocking), draining OpenSSL's decrypted bytes.
+
+    False on EOF or a read error.
+    """
+    sock = client.sock
+    timeout = sock.gettimeout()
+    sock.settimeout(0.0)
+    got = 0
+    try:
+        while True:
+            try:
+                data = sock.recv(_READ_CHUNK)
+            except _WAITING:
+                return True
+            except (ssl.SSLError, OSError) as exc:
+                log.debug("client %s: TLS read failed: %s", client.peer, exc)
+                return False
+            if not data:
+                return False
+            client.buf += data
+            client.last_active = time.monotonic()
+            got += len(data)
+            if got >= _FAIR_SHARE and not sock.pending():
+                return True       # the rest is in the kernel: select() will say so
+    finally:
+        sock.settimeout(timeout)

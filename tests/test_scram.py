@@ -1,0 +1,197 @@
+"""Unit tests: SCRAM both ends (auth spec vectors), the user file, the failure limiter."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from dvara_lib import scram, userfile
+from dvara_lib.auth import FailureLimiter
+from dvara_lib.errors import ConfigError
+
+# The example conversations of the MongoDB auth spec ("SCRAM-SHA-1", "SCRAM-SHA-256").
+SHA1_VECTOR = (
+    "fyko+d2lbbFgONRv9qkxdawL",
+    b"r=fyko+d2lbbFgONRv9qkxdawLHo+Vgk7qvUOKUwuWLIWg4l/9SraGMHEE,s=rQ9ZY3MntBeuP3E1TDVC4w==,"
+    b"i=10000",
+    b"c=biws,r=fyko+d2lbbFgONRv9qkxdawLHo+Vgk7qvUOKUwuWLIWg4l/9SraGMHEE,"
+    b"p=MC2T8BvbmWRckDw8oWl5IVghwCY=",
+    b"v=UMWeI25JD1yNYZRMpZ4VHvhZ9e0=")
+SHA256_VECTOR = (
+    "rOprNGfwEbeRWgbNEkqO",
+    b"r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096",
+    b"c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,"
+    b"p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ=",
+    b"v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4=")
+
+
+@pytest.mark.parametrize("mechanism,vector", [(scram.SHA1, SHA1_VECTOR),
+                                              (scram.SHA256, SHA256_VECTOR)])
+def test_client_matches_the_auth_spec_conversation(mechanism, vector):
+    nonce, server_first, client_final, server_final = vector
+    client = scram.ScramClient(mechanism, "user", "pencil", nonce=nonce)
+    assert client.first() == f"n,,n=user,r={nonce}".encode()
+    assert client.final(server_first) == client_final
+    client.verify(server_final)
+
+
+@pytest.mark.parametrize("mechanism,vector", [(scram.SHA1, SHA1_VECTOR),
+                                              (scram.SHA256, SHA256_VECTOR)])
+def test_client_refuses_a_server_that_does_not_know_the_password(mechanism, vector):
+    nonce, server_first, _, _ = vector
+    client = scram.ScramClient(mechanism, "user", "pencil", nonce=nonce)
+    client.final(server_first)
+    with pytest.raises(scram.ScramError, match="signature"):
+        client.verify(b"v=" + scram.b64(b"\0" * 20).encode())
+    with pytest.raises(scram.ScramError, match="refused"):
+        client.verify(b"e=invalid-proof")
+
+
+def test_client_refuses_few_iterations_and_foreign_nonces():
+    client = scram.ScramClient(scram.SHA256, "user", "pencil", nonce="abc")
+    with pytest.raises(scram.ScramError, match="4096"):
+        client.final(b"r=abcdef,s=" + scram.b64(b"salt").encode() + b",i=4095")
+    with pytest.raises(scram.ScramError, match="nonce"):
+        client.final(b"r=xyzdef,s=" + scram.b64(b"salt").encode() + b",i=4096")
+
+
+@pytest.mark.parametrize("mechanism", scram.MECHANISMS)
+@pytest.mark.parametrize("name", ["app", "a,b=c", "\u2168"])
+def test_server_accepts_the_right_password_only(mechanism, name):
+    cred = scram.make_credential(mechanism, name, "p\u00e4ss")
+    decoy = lambda user: (b"s" * 16, 4096)  # noqa: E731
+
+    def converse(password: str) -> bytes:
+        server = scram.ScramServer(mechanism, cred, decoy)
+        client = scram.ScramClient(mechanism, name, password)
+        server_first = server.first(client.first())
+        assert server.username == name
+        server_final = server.final(client.final(server_first))
+        client.verify(server_final)
+        return server_final
+
+    assert converse("p\u00e4ss").startswith(b"v=")
+    with pytest.raises(scram.ScramError, match="authentication failed"):
+        converse("pass")
+
+
+def test_sha256_passwords_are_saslprepped():
+    """The auth spec's SASLprep cases: "I\\u00ADX" logs in as "IX"."""
+    cred = scram.make_credential(scram.SHA256, "IX", "IX")
+    server = scram.ScramServer(scram.SHA256, cred, lambda u: (b"", 0))
+    client = scram.ScramClient(scram.SHA256, "IX", "I\u00adX")
+    client.verify(server.final(client.final(server.first(client.first()))))
+
+
+def test_unknown_user_looks_like_a_wrong_password():
+    seen = []
+
+    def decoy(user: str) -> tuple[bytes, int]:
+        seen.append(user)
+        return b"d" * 28, 15000
+
+    server = scram.ScramServer(scram.SHA256, None, decoy)
+    client = scram.ScramClient(scram.SHA256, "ghost", "x")
+    server_first = server.first(client.first())
+    assert b",s=" + scram.b64(b"d" * 28).encode() + b",i=15000" in server_first
+    with pytest.raises(scram.ScramError, match="authentication failed"):
+        server.final(client.final(server_first))
+    assert seen == ["ghost"]
+
+
+@pytest.mark.parametrize("first", [b"p=tls-unique,,n=u,r=x", b"n,a=admin,n=u,r=x", b"n,,r=x",
+                                   b"n,,n=u,r=x,m=ext", b"n,,n=a=bc,r=x", b"garbage"])
+def test_server_refuses_malformed_or_unsupported_client_first(first):
+    with pytest.raises(scram.ScramError):
+        scram.ScramServer(scram.SHA256, None, lambda u: (b"s", 4096)).first(first)
+
+
+def test_server_refuses_a_replayed_or_tampered_final():
+    cred = scram.make_credential(scram.SHA256, "u", "pw")
+    server = scram.ScramServer(scram.SHA256, cred, lambda u: (b"", 0))
+    client = scram.ScramClient(scram.SHA256, "u", "pw")
+    final = client.final(server.first(client.first()))
+    with pytest.raises(scram.ScramError, match="does not match"):
+        server.final(final.replace(b"c=biws", b"c=eSws"))
+    server.final(final)
+    with pytest.raises(scram.ScramError, match="out of order"):
+        server.final(final)
+
+
+def test_credential_repr_hides_keys():
+    cred = scram.make_credential(scram.SHA256, "u", "pw")
+    assert scram.b64(cred.stored_key) not in repr(cred)
+    assert "stored_key" not in repr(cred) and "server_key" not in repr(cred)
+
+
+# -- the user file --------------------------------------------------------------------
+
+def test_user_file_round_trip_holds_no_password(tmp_path: Path):
+    path = tmp_path / "users.json"
+    users = {u.key: u for u in (userfile.make_user("app", "Secret-1"),
+                                userfile.make_user("ro", "Secret-2", db="reports",
+                                                   read_only=True, mechanisms=[scram.SHA256]))}
+    userfile.save(str(path), users)
+    text = path.read_text()
+    assert "Secret-1" not in text and "Secret-2" not in text
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    loaded = userfile.load(str(path))
+    assert loaded[("admin", "app")].mechanisms == [scram.SHA256, scram.SHA1]
+    assert loaded[("reports", "ro")].read_only and loaded[("reports", "ro")].mechanisms == [
+        scram.SHA256]
+    assert loaded == users
+
+
+@pytest.mark.parametrize("content,message", [
+    ("not json", "cannot read"),
+    ('{"version": 2, "users": []}', "not a dvara user file"),
+    ('{"version": 1, "users": [{"user": "x"}]}', "no SCRAM credentials"),
+    ('{"version": 1, "users": [{"user": "x", "SCRAM-SHA-256": {"salt": "AA==", '
+     '"iterations": 100, "storedKey": "AA==", "serverKey": "AA=="}}]}', "below 4096"),
+])
+def test_bad_user_files_are_config_errors(tmp_path: Path, content: str, message: str):
+    path = tmp_path / "users.json"
+    path.write_text(content)
+    with pytest.raises(ConfigError, match=message):
+        userfile.load(str(path))
+
+
+def test_missing_user_file_says_how_to_make_one(tmp_path: Path):
+    with pytest.raises(ConfigError, match="dvara adduser"):
+        userfile.load(str(tmp_path / "nope.json"))
+
+
+def test_user_file_reloads_when_it_changes(tmp_path: Path):
+    path = tmp_path / "users.json"
+    userfile.save(str(path), {("admin", "a"): userfile.make_user("a", "pw")})
+    users = userfile.UserFile(str(path))
+    assert users.get("admin", "b") is None
+    doc = json.loads(path.read_text())
+    userfile.save(str(path), {("admin", "a"): userfile.make_user("a", "pw"),
+                              ("admin", "b"): userfile.make_user("b", "pw")})
+    assert users.get("admin", "b") is not None
+    path.write_text("broken")                     # a bad edit keeps the previous users
+    assert users.get("admin", "b") is not None
+    assert doc["version"] == 1
+
+
+# -- the failure limiter ---------------------------------------------------------------
+
+def test_failure_limiter_counts_per_ip_and_forgets_after_the_window(monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr("dvara_lib.auth.time.monotonic", lambda: now[0])
+    limiter = FailureLimiter(3, window=60.0, max_ips=2)
+    for n in (1, 2):
+        assert limiter.failed("10.0.0.1") == n
+    assert not limiter.blocked("10.0.0.1")
+    assert limiter.failed("10.0.0.1") == 3
+    assert limiter.blocked("10.0.0.1") and not limiter.blocked("10.0.0.2")
+    now[0] += 61
+    assert not limiter.blocked("10.0.0.1")
+    assert limiter.failed("10.0.0.2") == 1
+    assert limiter.failed("10.0.0.3") == 1        # the table stays bounded
+    assert len(limiter._counts) <= 2
