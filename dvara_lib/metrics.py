@@ -42,23 +42,25 @@ MEASURES: tuple[Measure, ...] = (
     Measure("clients.connects", COUNTER, "conns", "Client connections accepted"),
     Measure("clients.disconnects", COUNTER, "conns", "Client connections closed, for any reason"),
     Measure("clients.rejected", COUNTER, "conns",
-            "Client connections refused at --max-client-connections"),
+            "Client connections refused at --max-client-connections or "
+            "--max-per-client-connections"),
     Measure("clients.idle_timeouts", COUNTER, "conns",
             "Client connections closed for being idle too long"),
     # messages
     Measure("requests", COUNTER, "req", "Client messages proxied"),
     Measure("requests.with_reply", COUNTER, "req", "Client messages that expect a reply"),
     Measure("requests.mutations", COUNTER, "req",
-            "Client messages that write (insert/update/delete)"),
+            "Client messages that write (insert/update/delete/findAndModify, legacy writes)"),
     Measure("replies.streamed", COUNTER, "replies",
             "Extra replies relayed for exhaust/moreToCome streams"),
     Measure("bytes.in", COUNTER, "bytes", "Bytes read from clients"),
     Measure("bytes.out", COUNTER, "bytes", "Bytes written to clients"),
-    Measure("latency", HISTOGRAM, "ms", "Time from a request's header read to its reply written"),
+    Measure("latency", HISTOGRAM, "ms", "Time from a relayed request's start (incl. the wait for a server connection) to its last reply written"),
     Measure("errors.proxy", COUNTER, "errors",
             "Requests that failed while proxied (client closed)"),
     Measure("errors.timeout", COUNTER, "errors",
-            "Requests whose server did not answer in --message-timeout"),
+            "Requests that timed out: no server answer in --message-timeout or no server "
+            "connection in --pool-wait-timeout"),
     Measure("errors.bad_frame", COUNTER, "errors",
             "Client messages that were not valid wire frames"),
     # server connections
@@ -272,7 +274,7 @@ class Metrics:
     """All members' measures for one process.
 
     Methods for callers: member(addr) -> MemberMetrics (created once, cached),
-    members(), snapshot(reset_interval) -> list[Sample].
+    forget(addr), members(), snapshot(reset_interval) -> list[Sample].
     """
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
@@ -289,6 +291,15 @@ class Metrics:
             with self._lock:
                 mm = self._members.setdefault(addr, MemberMetrics(addr))
         return mm
+
+    def forget(self, addr: str) -> None:
+        """Stop reporting a member that left the set (a later member(addr) starts afresh).
+
+        Its Ganglia metrics then expire after dmax and its Prometheus series go away;
+        whoever still holds its MemberMetrics may keep recording into it harmlessly.
+        """
+        with self._lock:
+            self._members.pop(addr, None)
 
     def members(self) -> list[str]:
         """Return the member addresses seen so far, sorted."""

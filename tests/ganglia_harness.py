@@ -13,6 +13,7 @@ from typing import Optional
 
 import pytest
 
+from dvara_lib.metrics import HISTOGRAM, MEASURES, PERCENTILES, metric_name
 from tests.helpers import accepts, free_port, wait_until
 
 GMOND = shutil.which("gmond") or "/usr/sbin/gmond"
@@ -27,6 +28,26 @@ cluster {{ name = "dvara-test" }}
 udp_recv_channel {{ port = {udp}  bind = 127.0.0.1 }}
 tcp_accept_channel {{ port = {tcp}  bind = 127.0.0.1 }}
 """
+
+
+#: What each histogram becomes in Ganglia: <name>.p50 .p95 .p99 .max .count .sum.
+HISTOGRAM_SUFFIXES = tuple(label for label, _ in PERCENTILES) + ("max", "count", "sum")
+
+
+def sample_names() -> list[str]:
+    """Every sample name the Ganglia sink sends, without prefix (histograms expanded)."""
+    names = []
+    for m in MEASURES:
+        if m.kind == HISTOGRAM:
+            names.extend(f"{m.name}.{suffix}" for suffix in HISTOGRAM_SUFFIXES)
+        else:
+            names.append(m.name)
+    return names
+
+
+def ganglia_names(member: Optional[str] = None) -> set[str]:
+    """The Ganglia metric names of every measure: mongoproxy.[<member>.]<sample name>."""
+    return {metric_name(name, member) for name in sample_names()}
 
 
 def require(path: str) -> str:
@@ -45,19 +66,22 @@ def free_udp_port() -> int:
 
 
 class Gmond:
-    """A foreground gmond on free loopback ports; read its XML with metrics()."""
+    """A foreground gmond on free loopback ports; read its XML with metrics().
 
-    def __init__(self, workdir: Path) -> None:
+    ``udp_port`` pins the UDP port (to start a gmond again where a stopped one was).
+    """
+
+    def __init__(self, workdir: Path, udp_port: Optional[int] = None) -> None:
         require(GMOND)
         self.workdir = workdir
         self.proc: Optional[subprocess.Popen] = None
         for _ in range(5):  # a port picked with bind(0) can be taken before gmond binds it
-            if self._try_start():
+            if self._try_start(udp_port):
                 return
         pytest.fail("gmond did not start; see " + str(workdir / "gmond.log"))
 
-    def _try_start(self) -> bool:
-        self.udp_port, self.tcp_port = free_udp_port(), free_port()
+    def _try_start(self, udp_port: Optional[int]) -> bool:
+        self.udp_port, self.tcp_port = udp_port or free_udp_port(), free_port()
         conf = self.workdir / "gmond.conf"
         conf.write_text(_GMOND_CONF.format(udp=self.udp_port, tcp=self.tcp_port))
         with open(self.workdir / "gmond.log", "ab") as logf:

@@ -214,6 +214,20 @@ def test_member_is_created_once_even_when_racing():
     assert len(seen) == 8 and all(mm is seen[0] for mm in seen)
 
 
+def test_forgotten_member_is_no_longer_reported(metrics):
+    gone = metrics.member(B)
+    metrics.member(A).gauge_add("clients.connected", 2)
+    gone.gauge_add("clients.connected", 5)
+    metrics.forget(B)
+    metrics.forget("never:1")                       # unknown: nothing happens
+    gone.gauge_add("clients.connected", -1)         # its last clients closing: harmless
+    samples = by_key(metrics.snapshot(reset_interval=True))
+    assert metrics.members() == [A]
+    assert {member for _, member in samples} == {A, None}
+    assert samples["clients.connected", None].value == 2
+    assert metrics.member(B) is not gone and metrics.member(B).value("clients.connected") == 0
+
+
 def test_concurrent_updates_give_exact_totals():
     metrics = Metrics()
     n_threads, n_ops = 8, 5000
