@@ -8,11 +8,15 @@
 # the worker hands the client back through ``handback`` (a SimpleQueue plus a wake-up
 # pipe) and only this thread registers it again. Awaitable hellos are parked here, with
 # no worker and no server connection, until their member changes or their time is up.
+# A client holding a pinned server connection (after a write that has no reply) needs no
+# checkout, so its messages go to a few workers of their own: clients waiting for the
+# pool can then never hold up the getLastError that gives a connection back.
 # Workers and other threads never touch the selector: they call ``call_soon``.
 """
 
 from __future__ import annotations
 
+import base64
 import collections
 import errno
 import heapq
@@ -25,9 +29,11 @@ import socket
 import threading
 import time
 from concurrent.futures import Executor
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
+from dvara_lib import handoff, hello, tls, wire
 from dvara_lib.client import ClientConn
+from dvara_lib.discovery import start_thread_pool
 from dvara_lib.errors import ProtocolError
 from dvara_lib.relay import CLOSE, PARK, Relay
 
@@ -61,7 +67,11 @@ class Acceptor(threading.Thread):
         super().__init__(name="dvara-acceptor", daemon=True)
         self.settings = settings
         self.executor = executor
+        # As many as one member's pins can need (each pin holds one of its connections).
+        self._pinned_executor = start_thread_pool(
+            max(2, min(settings.workers, settings.max_connections)), "dvara-pinned")
         self.relay = relay
+        self.tls = tls.ClientTLS.from_settings(settings)   # issue 7: client TLS, or None
         self._selector = selectors.DefaultSelector()
         self._calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe()
@@ -71,12 +81,17 @@ class Acceptor(threading.Thread):
         self._listeners: dict["Member", _Listener] = {}
         self._clients: set[ClientConn] = set()      # every open client
         self._busy: set[ClientConn] = set()         # clients a worker holds
+        # issue 6: each member's share of the workers (see _submit_shared)
+        self._in_flight: collections.Counter["Member"] = collections.Counter()
+        self._counted: dict[ClientConn, "Member"] = {}
+        self._held: dict["Member", collections.deque[tuple[ClientConn, bytes]]] = {}
         self._per_ip: collections.Counter[str] = collections.Counter()
         self._deadlines: list[tuple[float, int, ClientConn]] = []
         self._seq = itertools.count()
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
         self._running = True
         self._draining = False
+        self._sender: Optional[handoff.Sender] = None
         self.drained = threading.Event()
         self._next_housekeeping = 0.0
 
@@ -107,13 +122,24 @@ class Acceptor(threading.Thread):
     def topology_changed(self, member: "Member") -> None:
         self.call_soon(lambda: self._answer_parked(member))
 
-    def drain(self) -> None:
-        """Stop accepting; close clients between messages; set ``drained`` when none is left."""
-        self.call_soon(self._begin_drain)
+    def drain(self, sender: Optional[handoff.Sender] = None) -> None:
+        """Stop accepting; between two messages, close each client (or, with a sender,
+        move it to the process that replaces this one); set ``drained`` when none is left.
+        """
+        self.call_soon(lambda: self._begin_drain(sender))
+
+    def adopt(self, sock: socket.socket, meta: dict[str, Any], member: "Member") -> None:
+        """Take over a client handed over by the process this one replaces."""
+        self.call_soon(lambda: self._adopt(sock, meta, member))
 
     def stop(self) -> None:
         self._running = False
         self.call_soon(lambda: None)
+
+    def listener_fds(self) -> dict[int, int]:
+        """proxy port → listening socket fd, for the process that will replace this one."""
+        return {member.proxy_port: listener.sock.fileno()
+                for member, listener in list(self._listeners.items())}
 
     def counts(self) -> dict[str, int]:
         return {"clients": len(self._clients), "busy": len(self._busy)}
@@ -231,6 +257,10 @@ class Acceptor(threading.Thread):
         self._per_ip[ip] += 1
         member.stats.incr("clients.connects")
         member.stats.gauge_add("clients.connected", 1)
+        if self.tls is not None:                # issue 7: TLS handshake, run by client.fill()
+            self.tls.admit(client)
+            self._later(self.tls.handshake_timeout, lambda: self.tls.handshaking(client)
+                        and self._close(client, "no TLS handshake in time"))
         self._selector.register(sock, selectors.EVENT_READ, client)
         log.debug("accepted %s", client)
 
@@ -254,14 +284,56 @@ class Acceptor(threading.Thread):
             return
         self._unregister(client.sock)
         self._busy.add(client)
+        if client.pinned is not None:
+            self._pinned_executor.submit(self.relay.serve, client, frame)
+        else:
+            self._submit_shared(client, frame)
+
+    # -- issue 6: each member's share of the workers ------------------------------------
+    # A hung member holds every worker relaying to it for up to --message-timeout. So that
+    # it never holds them all (hellos and other members' clients would wait behind it),
+    # one member's messages use at most _member_share() workers at a time; the others
+    # wait here, in order, with no worker. Hellos (the proxy answers them) never wait.
+    def _submit_shared(self, client: ClientConn, frame: bytes) -> None:
+        member = client.member
+        if self._in_flight[member] >= self._member_share():
+            if not _answered_by_proxy(frame):
+                self._held.setdefault(member, collections.deque()).append((client, frame))
+                return
+        else:
+            self._in_flight[member] += 1
+            self._counted[client] = member
         self.executor.submit(self.relay.serve, client, frame)
+
+    def _member_share(self) -> int:
+        workers = self.settings.workers
+        return max(1, workers - max(1, workers // 4))
+
+    def _release_share(self, client: ClientConn) -> None:
+        """client's message is done: its member's next held message gets the worker."""
+        member = self._counted.pop(client, None)
+        if member is None:
+            return
+        self._in_flight[member] -= 1
+        held = self._held.get(member)
+        while held:
+            waiting, frame = held.popleft()
+            if waiting in self._clients:
+                self._in_flight[member] += 1
+                self._counted[waiting] = member
+                self.executor.submit(self.relay.serve, waiting, frame)
+                break
+        if not held:
+            self._held.pop(member, None)
+            if not self._in_flight[member]:
+                del self._in_flight[member]
 
     def _resume(self, client: ClientConn, verdict: str) -> None:
         """A worker is done with client: close it, park it, or read its next message."""
         self._busy.discard(client)
-        if verdict == CLOSE or client.closed or client.closing or (
-                self._draining and verdict != PARK and client.pinned is None):
-            self._close(client, "closed by proxy" if verdict == CLOSE else "draining")
+        self._release_share(client)
+        if verdict == CLOSE or client.closed or client.closing:
+            self._close(client, "closed by proxy" if verdict == CLOSE else "closing")
         else:
             self._selector.register(client.sock, selectors.EVENT_READ, client)
             if verdict == PARK:
@@ -346,20 +418,59 @@ class Acceptor(threading.Thread):
                 self._close(client, "idle timeout")
 
     # -- draining and shutdown --------------------------------------------------------------
-    def _begin_drain(self) -> None:
+    def _begin_drain(self, sender: Optional[handoff.Sender]) -> None:
         self._draining = True
-        for listener in self._listeners.values():
-            self._unregister(listener.sock)
-        for client in list(self._clients):
-            if client not in self._busy and client.pinned is None:
-                self._close(client, "draining")
+        self._sender = sender
+        for member in list(self._listeners):
+            self._remove_listener(member)
         self._check_drained()
 
     def _check_drained(self) -> None:
-        if self._draining and not self._busy and not any(c.pinned for c in self._clients):
-            for client in list(self._clients):
-                self._close(client, "draining")
+        """While draining: let go of every client that is between two messages."""
+        if not self._draining:
+            return
+        for client in list(self._clients):
+            if client in self._clients and client not in self._busy and client.pinned is None:
+                self._let_go(client)
+        if not self._clients:
             self.drained.set()
+
+    def _let_go(self, client: ClientConn) -> None:
+        """Move client to the new process if there is one and it can move, else close it."""
+        sender, parked = self._sender, client.parked
+        if sender is None or len(client.buf) > handoff.MAX_BUFFERED or client.closing \
+                or client.reader is not None or client.auth is not None:
+            # (issue 7: a TLS session and a client's login live in this process only)
+            self._close(client, "draining")
+            return
+        parked_meta = None if parked is None else {
+            "frame": base64.b64encode(parked.frame).decode(), "command": parked.command,
+            "exhaust": parked.exhaust}
+        meta = handoff.describe(client.member.real, client.peer, bytes(client.buf),
+                                client.compressors, parked_meta)
+        self._unregister(client.sock)
+        moved = sender.send_client(client.sock, meta)
+        self._close(client, "handed to the new process" if moved else "draining")
+
+    def _adopt(self, sock: socket.socket, meta: dict[str, Any], member: "Member") -> None:
+        sock.setblocking(False)
+        client = ClientConn(sock, tuple(meta["peer"]), member, self.settings.message_timeout)
+        client.buf += meta["buf"]
+        client.compressors = list(meta.get("compressors") or [])
+        self._clients.add(client)
+        self._per_ip[client.peer_ip] += 1
+        member.stats.incr("clients.connects")
+        member.stats.gauge_add("clients.connected", 1)
+        parked = meta.get("parked")
+        if parked:
+            frame = base64.b64decode(parked["frame"])
+            self._busy.add(client)
+            self.executor.submit(self.relay.serve_parked, client,
+                                 self.relay.parked_now(frame, parked["command"],
+                                                       parked["exhaust"]))
+            return
+        self._selector.register(sock, selectors.EVENT_READ, client)
+        self._submit_if_ready(client)
 
     def _shutdown(self) -> None:
         for client in list(self._clients):
@@ -370,5 +481,15 @@ class Acceptor(threading.Thread):
             listener.sock.close()
         self._listeners.clear()
         self._selector.close()
+        self._pinned_executor.shutdown(wait=False, cancel_futures=True)
         os.close(self._wake_r)
         os.close(self._wake_w)
+
+
+def _answered_by_proxy(frame: bytes) -> bool:
+    """A hello or isMaster: the relay answers it itself, without the member."""
+    try:
+        return wire.opcode(frame) != wire.OP_COMPRESSED and hello.is_hello(
+            wire.command_name(frame))
+    except ProtocolError:
+        return False

@@ -15,19 +15,21 @@ import socket
 import struct
 import threading
 import time
-from typing import TYPE_CHECKING, Any, BinaryIO, Optional
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Optional
 
 from dvara_lib import wire
 from dvara_lib.errors import ProtocolError
 
 if TYPE_CHECKING:
+    from dvara_lib.auth import ClientAuth
+    from dvara_lib.legacy import LastError
     from dvara_lib.pool import ServerConnection
     from dvara_lib.topology import Member
 
 log = logging.getLogger("dvara.client")
 
 _INT32 = struct.Struct("<i")
-_READ_CHUNK = 256 * 1024
+_READ_CHUNK = 64 * 1024  # larger buffers cost an mmap/munmap per recv
 _connection_ids = itertools.count(1)
 
 
@@ -79,13 +81,20 @@ class ClientConn:
         self.parked: Optional[ParkedHello] = None
         self.pinned: Optional["ServerConnection"] = None
         self.pin_deadline = 0.0
+        self.last_error: Optional["LastError"] = None   # made at its first legacy message
         self.last_active = time.monotonic()
         self.closed = False
         self.closing = False        # close after the message in flight
+        # issue 7: login state (dvara_lib.auth), and the TLS reader that fill() uses
+        # instead of a plain recv (dvara_lib.tls)
+        self.auth: Optional["ClientAuth"] = None
+        self.reader: Optional[Callable[["ClientConn"], bool]] = None
         sock.settimeout(message_timeout)
 
     def fill(self) -> bool:
         """Read what the socket has (it is readable). False on EOF or a read error."""
+        if self.reader is not None:             # issue 7: TLS (dvara_lib.tls)
+            return self.reader(self)
         try:
             data = self.sock.recv(_READ_CHUNK)
         except (BlockingIOError, InterruptedError, socket.timeout):
@@ -96,6 +105,7 @@ class ClientConn:
         if not data:
             return False
         self.buf += data
+        self.member.stats.incr("bytes.in", len(data))
         self.last_active = time.monotonic()
         return True
 
@@ -118,6 +128,7 @@ class ClientConn:
             TEE.write(data)
         try:
             self.sock.sendall(data)
+            self.member.stats.incr("bytes.out", len(data))
             return True
         except OSError as exc:
             log.debug("client %s: write failed: %s", self.peer, exc)

@@ -76,6 +76,23 @@ class Settings:
     demo: bool
     demo_port: int
     demo_data_dir: str
+    # authentication and TLS (issue 7; dvara_lib.auth, dvara_lib.tls)
+    username: str | None
+    password: str | None = dataclasses.field(repr=False)
+    password_file: str | None
+    auth_source: str
+    auth_mechanism: str
+    client_auth_file: str | None
+    auth_failure_limit: int
+    tls_mode: str
+    tls_cert_file: str | None
+    tls_key_file: str | None
+    tls_ca_file: str | None
+    tls_require_client_cert: bool
+    backend_tls: bool
+    backend_tls_ca_file: str | None
+    backend_tls_cert_file: str | None
+    backend_tls_key_file: str | None
 
 
 # ---------------------------------------------------------------- value parsers
@@ -262,6 +279,29 @@ def _optional_path(text: str) -> str | None:
     return text.strip() or None
 
 
+def _choice(*choices: str) -> Callable[[str], str]:
+    """A converter accepting one of choices (case-insensitive), returned as spelled here."""
+    def convert(text: str) -> str:
+        for choice in choices:
+            if text.strip().lower() == choice.lower():
+                return choice
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(choices)}, got {text!r}")
+
+    convert.__name__ = "choice"
+    return convert
+
+
+def _optional_text(text: str) -> str | None:
+    return text.strip() or None
+
+
+def _db_name(text: str) -> str:
+    name = text.strip()
+    if not name or any(c in name for c in '/\\. "$'):
+        raise argparse.ArgumentTypeError(f"expected a database name, got {text!r}")
+    return name
+
+
 def _path(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("must not be empty")
@@ -353,6 +393,43 @@ _OPTIONS: tuple[_Option, ...] = (
             action="append", default_text="none"),
     _Option("metrics-interval", _duration, "10s", "metrics", "DURATION",
             "how often metrics are sent"),
+    # authentication (issue 7)
+    _Option("username", _optional_text, None, "auth", "NAME",
+            "the proxy's own user: every server connection logs in as it", default_text="none"),
+    _Option("password", _optional_text, None, "auth", "PASSWORD",
+            "its password (prefer --password-file: a flag shows in ps)", default_text="none"),
+    _Option("password-file", _optional_path, None, "auth", "PATH",
+            "read the proxy's password from the first line of this file", default_text="none"),
+    _Option("auth-source", _db_name, "admin", "auth", "DB", "database the proxy's user is defined in"),
+    _Option("auth-mechanism", _choice("SCRAM-SHA-256", "SCRAM-SHA-1"), "SCRAM-SHA-256", "auth",
+            "MECHANISM", "SCRAM-SHA-256 or SCRAM-SHA-1"),
+    _Option("client-auth-file", _optional_path, None, "auth", "PATH",
+            "clients must log in as a user of this file (made with: dvara adduser)",
+            default_text="none: clients are trusted"),
+    _Option("auth-failure-limit", _int_at_least(1), "10", "auth", "N",
+            "failed client logins per client IP per minute before its logins are refused"),
+    # TLS (issue 7)
+    _Option("tls-mode", _choice("disabled", "allow", "require"), None, "tls", "MODE",
+            "TLS for clients: disabled, allow (TLS and plain on one port) or require",
+            default_text="require with --tls-cert-file, else disabled"),
+    _Option("tls-cert-file", _optional_path, None, "tls", "PATH",
+            "the proxy's certificate (PEM; may hold the key too)", default_text="none"),
+    _Option("tls-key-file", _optional_path, None, "tls", "PATH",
+            "the proxy's private key (PEM)", default_text="in --tls-cert-file"),
+    _Option("tls-ca-file", _optional_path, None, "tls", "PATH",
+            "CA certificates that client certificates are checked against", default_text="none"),
+    _Option("tls-require-client-cert", None, None, "tls", None,
+            "refuse clients without a certificate signed by --tls-ca-file",
+            action="store_true", default_text="false"),
+    _Option("backend-tls", None, None, "tls", None,
+            "use TLS on every server connection", action="store_true", default_text="false"),
+    _Option("backend-tls-ca-file", _optional_path, None, "tls", "PATH",
+            "CA certificates the servers' certificates are checked against",
+            default_text="the system's CAs"),
+    _Option("backend-tls-cert-file", _optional_path, None, "tls", "PATH",
+            "client certificate the proxy shows servers that require one", default_text="none"),
+    _Option("backend-tls-key-file", _optional_path, None, "tls", "PATH",
+            "its private key", default_text="in --backend-tls-cert-file"),
     # demo mode
     _Option("demo", None, None, "demo", None,
             "start an embedded SecantusDB backend as a child process",
@@ -371,6 +448,8 @@ _GROUP_TITLES = {
     "timeouts": "timeouts (durations: 500ms, 30s, 2m, 1h or plain seconds)",
     "process": "process",
     "metrics": "metrics",
+    "auth": "authentication",
+    "tls": "TLS",
     "demo": "demo mode",
 }
 
@@ -497,7 +576,35 @@ def _cross_check(ns: argparse.Namespace) -> str | None:
             f"--min-idle-connections: must be <= --max-connections ({ns.max_connections}), "
             f"got {ns.min_idle_connections}"
         )
-    return None
+    return _cross_check_security(ns)
+
+
+def _cross_check_security(ns: argparse.Namespace) -> str | None:
+    """Authentication and TLS settings that need or exclude one another (issue 7)."""
+    needs = [
+        (ns.password and ns.password_file, "--password/--password-file: give one, not both"),
+        (ns.username and not (ns.password or ns.password_file),
+         "--username: needs --password or --password-file"),
+        ((ns.password or ns.password_file) and not ns.username,
+         "--password/--password-file: needs --username"),
+        (_tls_mode(ns) != "disabled" and not ns.tls_cert_file,
+         f"--tls-mode: {_tls_mode(ns)} needs --tls-cert-file"),
+        (ns.tls_require_client_cert and not ns.tls_ca_file,
+         "--tls-require-client-cert: needs --tls-ca-file"),
+        ((ns.tls_key_file or ns.tls_ca_file) and not ns.tls_cert_file,
+         "--tls-key-file/--tls-ca-file: need --tls-cert-file"),
+        ((ns.backend_tls_ca_file or ns.backend_tls_cert_file) and not ns.backend_tls,
+         "--backend-tls-ca-file/--backend-tls-cert-file: need --backend-tls"),
+        (ns.backend_tls_key_file and not ns.backend_tls_cert_file,
+         "--backend-tls-key-file: needs --backend-tls-cert-file"),
+    ]
+    return next((message for broken, message in needs if broken), None)
+
+
+def _tls_mode(ns: argparse.Namespace) -> str:
+    if ns.tls_mode:
+        return ns.tls_mode
+    return "require" if ns.tls_cert_file else "disabled"
 
 
 def _advertise_host(listen_host: str, advertise_host: str | None) -> str:
@@ -514,6 +621,9 @@ def _to_settings(ns: argparse.Namespace) -> Settings:
     values["advertise_host"] = _advertise_host(ns.listen_host, ns.advertise_host)
     values["ganglia"] = tuple(dict.fromkeys(a for group in ns.ganglia or () for a in group))
     values["demo"] = bool(ns.demo)
+    values["tls_mode"] = _tls_mode(ns)
+    values["tls_require_client_cert"] = bool(ns.tls_require_client_cert)
+    values["backend_tls"] = bool(ns.backend_tls)
     return Settings(**values)
 
 

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from dvara_lib import wire
+from dvara_lib import auth, tls, wire
 from dvara_lib.errors import ConnectionFailure, DiscoveryError, ProtocolError
 from dvara_lib.topology import HOST_LIST_FIELDS, format_address, normalize
 
@@ -64,7 +64,7 @@ def connect(address: tuple[str, int], timeout: float) -> socket.socket:
     except OSError as exc:
         raise ConnectionFailure(f"cannot connect to {format_address(*address)}: {exc}") from exc
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock
+    return tls.wrap_backend(sock, address)   # issue 7: --backend-tls
 
 
 def probe(address: tuple[str, int], timeout: float) -> dict[str, Any]:
@@ -169,7 +169,9 @@ class MemberMonitor:
     def _hello(self) -> dict[str, Any]:
         if self._sock is None:
             self._sock = connect(self.member.address, self.timeout)
-            return run_hello(self._sock, hello_request(0, True, self.app_version))
+            hello = run_hello(self._sock, hello_request(0, True, self.app_version))
+            auth.login_monitor(self._sock, hello, self.member.real)   # issue 7
+            return hello
         return run_hello(self._sock, hello_request(self.member.max_wire_version, False))
 
     def _status_names(self) -> list[str]:

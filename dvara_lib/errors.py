@@ -23,6 +23,10 @@ class ServerTimeout(ConnectionFailure):
     """A server did not answer within --message-timeout."""
 
 
+class AuthenticationFailure(ConnectionFailure):
+    """The proxy could not log in to a server with its own account (--username)."""
+
+
 class PoolTimeout(DvaraError):
     """No server connection could be checked out within --pool-wait-timeout."""
 

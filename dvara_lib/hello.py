@@ -8,6 +8,7 @@ with every host field naming proxy addresses, and parks awaitable ones (see acce
 from __future__ import annotations
 
 import datetime
+import math
 from typing import TYPE_CHECKING, Any, Optional
 
 from dvara_lib import wire
@@ -31,15 +32,27 @@ def negotiate_compression(request: dict[str, Any]) -> list[str]:
     return [c for c in offered if c in wire.SUPPORTED_COMPRESSORS]
 
 
+def max_await_seconds(request: dict[str, Any]) -> Optional[float]:
+    """maxAwaitTimeMS in seconds, or None unless it is a finite number >= 0.
+
+    (A NaN deadline would never come due and would stall every parked hello behind it.)
+    """
+    max_await = request.get("maxAwaitTimeMS")
+    if not isinstance(max_await, (int, float)) or not math.isfinite(max_await) \
+            or max_await < 0:
+        return None
+    return float(max_await) / 1000.0
+
+
 def wait_seconds(request: dict[str, Any], topology: "Topology", member: "Member") -> float:
     """How long an awaitable hello may be parked: 0 if it must be answered now."""
     tv = request.get("topologyVersion")
-    max_await = request.get("maxAwaitTimeMS")
-    if not isinstance(tv, dict) or not isinstance(max_await, (int, float)) or max_await < 0:
+    max_await = max_await_seconds(request)
+    if not isinstance(tv, dict) or max_await is None:
         return 0.0
     if tv.get("processId") != topology.process_id or tv.get("counter") != member.counter:
         return 0.0
-    return float(max_await) / 1000.0
+    return max_await
 
 
 def build_answer(topology: "Topology", member: "Member", command: str,

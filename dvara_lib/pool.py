@@ -183,6 +183,12 @@ class Pool:
         self.stats.closed()
 
     # -- maintenance ------------------------------------------------------------------
+    def resize(self, max_size: int, min_idle: int, idle_timeout: float) -> None:
+        """New limits (SIGHUP); waiters re-check at once."""
+        with self._cond:
+            self.max_size, self.min_idle, self.idle_timeout = max_size, min_idle, idle_timeout
+            self._cond.notify_all()
+
     def clear(self) -> None:
         """Retire every connection opened so far (after a network error)."""
         with self._cond:

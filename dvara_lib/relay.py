@@ -8,7 +8,8 @@
 # left unread. A request that expects no reply (OP_MSG moreToCome, legacy writes) pins
 # its server connection to the client until the client's next message, so that a read
 # after a w:0 write sees it, and so that a legacy getLastError reaches the connection
-# of the write it confirms. The worker hands the client back to the acceptor at the end.
+# of the write it confirms (``dvara_lib.legacy`` keeps the pins and each client's last
+# error). The worker hands the client back to the acceptor at the end.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from dvara_lib import hello, wire
+from dvara_lib import auth, hello, legacy, wire
 from dvara_lib.client import ClientConn, ParkedHello
-from dvara_lib.errors import ConnectionFailure, PoolTimeout, ProtocolError, ServerTimeout
+from dvara_lib.errors import (AuthenticationFailure, ConnectionFailure, PoolTimeout,
+                              ProtocolError, ServerTimeout)
 
 if TYPE_CHECKING:
     from dvara_lib.config import Settings
@@ -66,6 +68,8 @@ class Relay:
         self.handback = handback
         self.on_server_failure = on_server_failure
         self.on_state_change = on_state_change
+        self.legacy = legacy.Legacy(settings.get_last_error_timeout)
+        self.gate = auth.Gate.from_settings(settings)   # issue 7: client logins, or None
 
     # -- entry point --------------------------------------------------------------------
     def serve(self, client: ClientConn, frame: bytes) -> None:
@@ -94,8 +98,15 @@ class Relay:
         name = wire.command_name(frame)
         stats = client.member.stats
         stats.incr("requests")
-        if op in wire.NO_REPLY_OPCODES or name in MUTATIONS:
+        if op in (wire.OP_INSERT, wire.OP_UPDATE, wire.OP_DELETE) or name in MUTATIONS:
             stats.incr("requests.mutations")
+        if self.gate is not None:               # issue 7: client authentication (auth.py)
+            allowed = self.gate.check(client, frame, op, name, compressor)
+            if allowed is not None:
+                return RESUME if allowed else CLOSE
+        answered = self.legacy.handle(client, frame, op, name, compressor)
+        if answered is not None:
+            return RESUME if answered else CLOSE
         if hello.is_hello(name):
             return self.answer_hello(client, frame, name, compressor)
         return self._relay(client, frame, name, compressor)
@@ -111,11 +122,13 @@ class Relay:
         finally:
             self.handback(client, verdict)
 
+    def parked_now(self, frame: bytes, command: str, exhaust: bool) -> ParkedHello:
+        """A parked hello (moved from the process this one replaced) due at once."""
+        return ParkedHello(frame, _request_doc(frame), command, time.monotonic(), exhaust, -1)
+
     def release_pin(self, client: ClientConn, reusable: bool) -> None:
-        """Give a pinned server connection back to its pool (no I/O)."""
-        conn, client.pinned = client.pinned, None
-        if conn is not None:
-            client.member.pool.checkin(conn, reusable)
+        """Give a pinned server connection back to its pool (no blocking I/O)."""
+        self.legacy.release_pin(client, reusable)
 
     # -- hello ----------------------------------------------------------------------------
     def answer_hello(self, client: ClientConn, frame: bytes, name: str,
@@ -148,11 +161,14 @@ class Relay:
             log.info("no hello yet from %s; closing %s", member.real, client)
             return CLOSE
         member.stats.incr("hello.answered")
+        if self.gate is not None:               # issue 7: saslSupportedMechs, speculative login
+            self.gate.on_hello(client, request, doc)
         if exhaust:
             reply = wire.reply_like(frame, doc, flags=wire.MORE_TO_COME)
             if not client.send(reply):
                 return CLOSE
-            wait = float(request.get("maxAwaitTimeMS", 10000)) / 1000.0
+            wait = hello.max_await_seconds(request)
+            wait = 10.0 if wait is None else wait
             # The next reply of the stream answers this one (OP_MSG exhaust rule).
             next_frame = wire.with_request_id(frame, wire.request_id(reply))
             client.parked = ParkedHello(next_frame, request, name, time.monotonic() + wait,
@@ -164,22 +180,20 @@ class Relay:
     def _relay(self, client: ClientConn, frame: bytes, name: Optional[str],
                compressor: Optional[int]) -> str:
         member = client.member
-        conn = client.pinned
-        client.pinned = None
+        start = time.monotonic()
+        conn = self.legacy.take_pin(client)
+        was_pinned = conn is not None
         if conn is None:
             conn = self._checkout(client, frame)
             if conn is None:
                 return RESUME if wire.expects_reply(frame) else CLOSE
-        start = time.monotonic()
-        member.stats.incr("bytes.in", len(frame))
         try:
             conn.send(frame)
         except ConnectionFailure as exc:
             self._server_failed(member, conn, exc)
             return CLOSE
         if not wire.expects_reply(frame):
-            client.pinned = conn
-            client.pin_deadline = time.monotonic() + self.settings.get_last_error_timeout
+            self.legacy.pin(client, conn, new=not was_pinned)
             return RESUME
         member.stats.incr("requests.with_reply")
         verdict = self._relay_replies(client, conn, frame, name, compressor)
@@ -199,10 +213,14 @@ class Relay:
                              f"dvara: {exc}")
         except ConnectionFailure as exc:
             member.stats.incr("errors.proxy")
-            log.warning("cannot connect to %s: %s", member.real, exc)
-            self.on_server_failure(member)
+            # issue 7: a refused login is no dead member; auth.py logs it, spaced out
+            login = isinstance(exc, AuthenticationFailure)
+            (log.debug if login else log.warning)("cannot connect to %s: %s", member.real, exc)
+            if not login:
+                self.on_server_failure(member)
             self._send_error(client, frame, HOST_UNREACHABLE, "HostUnreachable",
-                             f"dvara: cannot reach the server behind {member.proxy}")
+                             f"dvara: cannot reach the server behind {member.proxy}"
+                             + (" (dvara cannot log in to it)" if login else ""))
         return None
 
     def _relay_replies(self, client: ClientConn, conn: "ServerConnection", frame: bytes,
@@ -210,6 +228,7 @@ class Relay:
         """Relay the reply, or every reply of an exhaust stream; check conn back in."""
         member = client.member
         clean = False
+        exhaust = legacy.exhaust_query(frame)
         try:
             reply = conn.read_frame()
             if wire.response_to(reply) != wire.request_id(frame):
@@ -218,16 +237,17 @@ class Relay:
             if len(reply) < _SCANNED_REPLY_SIZE and any(m in reply for m in STATE_CHANGE_MARKERS):
                 self._check_state_change(member, reply)
             while True:
-                streaming = wire.more_to_come(reply)
+                streaming = wire.more_to_come(reply) or (exhaust and legacy.cursor_open(reply))
                 if streaming:
                     member.stats.incr("replies.streamed")
                 out = self._client_reply(reply, name, compressor)
-                member.stats.incr("bytes.out", len(out))
                 if not client.send(out):
                     clean = not streaming
                     return CLOSE
                 if not streaming:
                     clean = True
+                    if client.last_error is not None:
+                        conn = self.legacy.after_reply(client, conn, reply)
                     return RESUME
                 reply = conn.read_frame()
         except (ConnectionFailure, ProtocolError) as exc:

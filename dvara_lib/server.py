@@ -14,13 +14,15 @@ import concurrent.futures
 import logging
 import os
 import queue
+import resource
 import signal
 import socket
+import sys
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Optional
 
-from dvara_lib import __version__
+from dvara_lib import __version__, auth, handoff, lifecycle, tls
 from dvara_lib.acceptor import Acceptor
 from dvara_lib.client import TEE
 from dvara_lib.config import check_port_range
@@ -29,6 +31,7 @@ from dvara_lib.discovery import (DiscoveryThread, connect, discover, hello_reque
 from dvara_lib.membership import PortBook, wanted_members
 from dvara_lib.errors import ConfigError, ConnectionFailure, ProtocolError
 from dvara_lib.metrics import MemberMetrics, Metrics
+from dvara_lib.pidfile import LOCK_FD_ENV, PidFile
 from dvara_lib.pool import Pool, PoolStats
 from dvara_lib.relay import Relay
 from dvara_lib.topology import Member, Topology, format_address
@@ -39,7 +42,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("dvara.server")
 
 _DISCOVERY_TIMEOUT = 10.0
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2)
 
 
 class _PoolMetrics(PoolStats):
@@ -82,6 +85,11 @@ class Server:
         self.started = time.time()
         self._signals: queue.SimpleQueue[int] = queue.SimpleQueue()
         self._services: list[Any] = []
+        self.relay: Optional[Relay] = None
+        self.pidfile: Optional[PidFile] = None
+        self.argv = list(sys.argv)
+        self.cwd = os.getcwd()
+        self._inherited = handoff.inherited_listeners()
 
     # -- start-up ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -90,20 +98,23 @@ class Server:
         Can raise DiscoveryError or ConfigError.
         """
         s = self.settings
+        _raise_fd_limit()
         TEE.open(s.tee_file)
+        tls.configure(s)                        # issue 7: TLS and login on server connections
+        auth.configure_backend(s)
         found = discover(list(s.addrs), timeout=min(_DISCOVERY_TIMEOUT, s.message_timeout))
         self.ports = PortBook(s.port_start, s.port_end, s.member_map, s.state_file)
         check_port_range(s, len([m for m in found.members if m not in self.ports.pinned]))
         self.topology = Topology(found.set_name)
         self.executor = start_thread_pool(s.workers, "dvara-worker")
         self.discovery = DiscoveryThread(
-            self.topology, s.discovery_interval, min(s.discovery_interval, 5.0), __version__,
+            self.topology, s.discovery_interval, _check_timeout(s.discovery_interval), __version__,
             reconcile=self.reconcile if found.set_name else None,
             monitor_threads=min(8, len(self.ports.ports) + len(s.member_map)), seeds=s.addrs)
-        relay = Relay(s, self.topology, self._handback,
-                      on_server_failure=lambda m: self.discovery.wake(),
-                      on_state_change=self._state_changed)
-        self.acceptor = Acceptor(s, self.executor, relay)
+        self.relay = Relay(s, self.topology, self._handback,
+                           on_server_failure=lambda m: self.discovery.wake(),
+                           on_state_change=self._state_changed)
+        self.acceptor = Acceptor(s, self.executor, self.relay)
         self.topology.on_change(self.acceptor.topology_changed)
         self.topology.on_change(lambda m: m.stats.incr("topology.changes"))
         for real in found.members + self._mapped_extras(found.members):
@@ -173,7 +184,7 @@ class Server:
         member = Member(real, format_address(s.advertise_host, port), port, pool, stats)
         if hello is not None:
             member.max_wire_version = int(hello.get("maxWireVersion", 0))
-        sock = _listen(s.listen_host, port)
+        sock = _listen(s.listen_host, port, self._inherited)
         self.topology.add(member)
         self.acceptor.add_listener(sock, member)
         log.info("proxying member %s on %s", real, member.proxy)
@@ -186,14 +197,16 @@ class Server:
         self.topology.remove(member)
         self.acceptor.retire(member)
         member.pool.close()
-        member.stats.gauge_set("member.up", 0)
+        self.metrics.forget(member.real)
 
     def _connect(self, member: Member) -> socket.socket:
         """A pooled server connection: TCP connect plus the proxy's own handshake."""
         timeout = self.settings.message_timeout
+        auth.check_backoff(member.real)         # issue 7: no new connection while logins fail
         sock = connect(member.address, min(timeout, _DISCOVERY_TIMEOUT))
         try:
-            run_hello(sock, hello_request(member.max_wire_version, True, __version__))
+            hello = run_hello(sock, hello_request(member.max_wire_version, True, __version__))
+            auth.login(sock, hello, member.real)    # issue 7: the proxy's own account
             sock.settimeout(timeout)
         except (ConnectionFailure, ProtocolError, OSError) as exc:
             sock.close()
@@ -209,27 +222,83 @@ class Server:
 
     # -- running ----------------------------------------------------------------------------
     def run(self) -> int:
-        """Start, then serve until a stop signal. Returns the exit status."""
-        for sig in _STOP_SIGNALS:
+        """Start, then serve until a stop signal or a handover. Returns the exit status."""
+        for sig in _HANDLED_SIGNALS:
             signal.signal(sig, lambda signum, frame: self._signals.put(signum))
-        self.start()
+        if self.settings.pidfile:
+            self.pidfile = PidFile(self.settings.pidfile)
+            lock_fd = os.environ.pop(LOCK_FD_ENV, None)
+            self.pidfile.acquire(int(lock_fd) if lock_fd else None)
+        try:
+            self.start()
+            self._take_over_clients()
+            if self.pidfile is not None:
+                self.pidfile.write(os.getpid())
+            lifecycle.notify_systemd(f"READY=1\nMAINPID={os.getpid()}")
+            return self._serve_signals()
+        finally:
+            if self.pidfile is not None:
+                self.pidfile.release()
+
+    def _serve_signals(self) -> int:
         while True:
             try:
                 signum = self._signals.get(timeout=1.0)
             except queue.Empty:
                 continue
-            log.info("received %s; draining", signal.Signals(signum).name)
-            fast = signum == signal.SIGINT
-            self.stop(self.settings.graceful_timeout / (4 if fast else 1))
-            return 0
+            if signum == signal.SIGHUP:
+                lifecycle.reload(self)
+            elif signum == signal.SIGUSR2:
+                if lifecycle.replace_process(self):
+                    log.info("handed over to the new process; exiting")
+                    return 0
+            else:
+                log.info("received %s; draining", signal.Signals(signum).name)
+                fast = signum == signal.SIGINT
+                self.stop(self.settings.graceful_timeout / (4 if fast else 1))
+                return 0
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """Stop accepting, let messages in flight finish (up to timeout), then close all."""
+    def _take_over_clients(self) -> None:
+        """If we replace an older dvara, adopt the idle clients it hands over."""
+        path = os.environ.pop(handoff.HANDOFF_ENV, None)
+        if not path:
+            return
+
+        def adopt(sock: socket.socket, meta: dict[str, Any]) -> None:
+            member = self.topology.get(meta["member"])
+            if member is None:
+                sock.close()
+                return
+            self.acceptor.adopt(sock, meta, member)
+
+        def run() -> None:
+            count = handoff.receive(path, adopt, self.settings.graceful_timeout + 30)
+            log.info("took over %d client connection(s) from the old process", count)
+
+        threading.Thread(target=run, name="dvara-handoff", daemon=True).start()
+
+    def apply_settings(self, settings: "Settings") -> None:
+        """Use new settings for everything that can change while running (SIGHUP)."""
+        old, self.settings = self.settings, settings
+        self.relay.settings = self.acceptor.settings = settings
+        logging.getLogger("dvara").setLevel(settings.log_level.upper())
+        self.discovery.interval = settings.discovery_interval
+        for member in self.topology.members():
+            member.pool.resize(settings.max_connections, settings.min_idle_connections,
+                               settings.server_idle_timeout)
+        if lifecycle.settings_changed_for_metrics(old, settings):
+            for service in self._services:
+                service.close()
+            self._start_services()
+
+    def stop(self, timeout: float = 5.0, sender: Optional[handoff.Sender] = None) -> None:
+        """Stop accepting; between two messages close every client (or hand it to the new
+        process); wait up to timeout for messages in flight, then close everything."""
         if self.acceptor is not None and self.acceptor.is_alive():
-            self.acceptor.drain()
+            self.acceptor.drain(sender)
             if not self.acceptor.drained.wait(timeout):
-                log.warning("%d client(s) still busy after %.1fs; closing them",
-                            self.acceptor.counts()["busy"], timeout)
+                log.warning("%d client(s) still busy or pinned after %.1fs; closing them",
+                            self.acceptor.counts()["clients"], timeout)
             self.acceptor.stop()
             self.acceptor.join(timeout)
         if self.discovery is not None:
@@ -249,11 +318,33 @@ class Server:
         return status_document(self)
 
 
-def _listen(host: str, port: int) -> socket.socket:
-    """A listening socket for one member. Can raise ConfigError if the port is taken."""
+def _listen(host: str, port: int, inherited: dict[int, int]) -> socket.socket:
+    """A listening socket for one member (inherited on a graceful restart).
+
+    Can raise ConfigError if the port is taken.
+    """
+    if port in inherited:
+        return socket.socket(fileno=inherited.pop(port))
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
         return socket.create_server((host, port), family=family, backlog=4096)
     except OSError as exc:
         raise ConfigError(f"--port-start/--port-end: cannot listen on {host}:{port}: "
                           f"{exc.strerror or exc}") from exc
+
+
+def _raise_fd_limit() -> None:
+    """Every client costs a descriptor: use the hard limit, not the (often 1024) soft one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (OSError, ValueError) as exc:
+            log.warning("could not raise the open-files limit from %d: %s", soft, exc)
+    log.debug("open-files limit: %d", max(soft, hard))
+
+
+def _check_timeout(interval: float) -> float:
+    """How long one member check may take: long enough for a busy server, short enough
+    to notice a hung one within a few intervals (checks run in parallel)."""
+    return min(max(2 * interval, 2.0), 10.0)

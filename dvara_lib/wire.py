@@ -87,7 +87,9 @@ def response_to(frame: bytes) -> int:
 
 
 def msg_flags(frame: bytes) -> int:
-    """The flagBits of an OP_MSG frame."""
+    """The flagBits of an OP_MSG frame. Can raise ProtocolError."""
+    if len(frame) < 20:
+        raise ProtocolError("truncated OP_MSG: no flagBits")
     return _UINT32.unpack_from(frame, 16)[0]
 
 
@@ -171,6 +173,8 @@ def msg_body_offset(frame: bytes) -> int:
             return pos + 1
         if kind != 1:
             raise ProtocolError(f"unknown OP_MSG section kind {kind}")
+        if pos + 5 > len(frame):
+            raise ProtocolError("truncated OP_MSG section")
         size = _INT32.unpack_from(frame, pos + 1)[0]
         if size < 5:
             raise ProtocolError("bad OP_MSG section size")
@@ -231,9 +235,14 @@ def decode_msg_body(frame: bytes) -> dict[str, Any]:
 
 
 def decode_query(frame: bytes) -> tuple[int, str, int, int, dict[str, Any]]:
-    """(flags, ns, numberToSkip, numberToReturn, query) of an OP_QUERY frame."""
-    flags = _INT32.unpack_from(frame, 16)[0]
+    """(flags, ns, numberToSkip, numberToReturn, query) of an OP_QUERY frame.
+
+    Can raise ProtocolError.
+    """
     ns, offset = query_doc_offset(frame)
+    if offset + 5 > len(frame):
+        raise ProtocolError("truncated OP_QUERY")
+    flags = _INT32.unpack_from(frame, 16)[0]
     skip, nret = struct.unpack_from("<ii", frame, offset - 8)
     try:
         size = _INT32.unpack_from(frame, offset)[0]
@@ -247,7 +256,12 @@ def decode_query(frame: bytes) -> tuple[int, str, int, int, dict[str, Any]]:
 
 
 def decode_reply(frame: bytes) -> tuple[int, int, int, list[dict[str, Any]]]:
-    """(responseFlags, cursorID, startingFrom, documents) of an OP_REPLY frame."""
+    """(responseFlags, cursorID, startingFrom, documents) of an OP_REPLY frame.
+
+    Can raise ProtocolError.
+    """
+    if len(frame) < 36:
+        raise ProtocolError("truncated OP_REPLY")
     flags, cursor_id, starting, count = _REPLY_PREFIX.unpack_from(frame, 16)
     try:
         docs = bson.decode_all(frame[36:])

@@ -12,8 +12,10 @@ import pytest
 from dvara_lib import wire
 from dvara_lib.client import ClientConn
 from dvara_lib.errors import ProtocolError
+from dvara_lib.metrics import Metrics
 
-MEMBER = types.SimpleNamespace(proxy="127.0.0.1:40001", real="db1.example:27017")
+MEMBER = types.SimpleNamespace(proxy="127.0.0.1:40001", real="db1.example:27017",
+                               stats=Metrics().member("db1.example:27017"))
 
 
 @pytest.fixture

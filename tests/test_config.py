@@ -73,6 +73,22 @@ def test_defaults() -> None:
         demo=False,
         demo_port=27017,
         demo_data_dir=".demo-data",
+        username=None,
+        password=None,
+        password_file=None,
+        auth_source="admin",
+        auth_mechanism="SCRAM-SHA-256",
+        client_auth_file=None,
+        auth_failure_limit=10,
+        tls_mode="disabled",
+        tls_cert_file=None,
+        tls_key_file=None,
+        tls_ca_file=None,
+        tls_require_client_cert=False,
+        backend_tls=False,
+        backend_tls_ca_file=None,
+        backend_tls_cert_file=None,
+        backend_tls_key_file=None,
     )
 
 
