@@ -22,7 +22,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Optional
 
-from dvara_lib import __version__, auth, handoff, lifecycle, tls
+from dvara_lib import __version__, auth, handoff, lifecycle, tls, wire
 from dvara_lib.acceptor import Acceptor
 from dvara_lib.client import TEE
 from dvara_lib.config import check_port_range
@@ -207,7 +207,7 @@ class Server:
         try:
             hello = run_hello(sock, hello_request(member.max_wire_version, True, __version__))
             auth.login(sock, hello, member.real)    # issue 7: the proxy's own account
-            sock.settimeout(timeout)
+            wire.set_io_timeout(sock, timeout)
         except (ConnectionFailure, ProtocolError, OSError) as exc:
             sock.close()
             if isinstance(exc, ConnectionFailure):

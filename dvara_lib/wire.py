@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import socket
+import ssl
 import struct
 import zlib
 from typing import Any, Iterator, Optional
@@ -108,6 +109,23 @@ def expects_reply(frame: bytes) -> bool:
 
 # --- reading whole frames from a blocking socket (server side) -----------------------
 
+def set_io_timeout(sock: socket.socket, seconds: float) -> None:
+    """Bound each read and write of a blocking socket by seconds.
+
+    A plain socket is put in blocking mode with the kernel's SO_RCVTIMEO/SO_SNDTIMEO, so
+    that no poll() precedes each recv/send (a timed-out call raises BlockingIOError); a TLS
+    socket keeps Python's own timeout.
+    """
+    if isinstance(sock, ssl.SSLSocket):
+        sock.settimeout(seconds)
+        return
+    whole = int(seconds)
+    timeval = struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
+    sock.settimeout(None)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+
+
 def recv_exact(sock: socket.socket, n: int) -> bytes:
     """Read exactly n bytes. Can raise ConnectionFailure or ServerTimeout."""
     buf = bytearray(n)
@@ -116,7 +134,7 @@ def recv_exact(sock: socket.socket, n: int) -> bytes:
     while got < n:
         try:
             chunk = sock.recv_into(view[got:], n - got)
-        except socket.timeout as exc:
+        except (socket.timeout, BlockingIOError) as exc:
             raise ServerTimeout("timed out reading from server") from exc
         except OSError as exc:
             raise ConnectionFailure(f"read failed: {exc}") from exc
@@ -138,7 +156,7 @@ def send_all(sock: socket.socket, data: bytes) -> None:
     """Write all of data. Can raise ConnectionFailure or ServerTimeout."""
     try:
         sock.sendall(data)
-    except socket.timeout as exc:
+    except (socket.timeout, BlockingIOError) as exc:
         raise ServerTimeout("timed out writing to server") from exc
     except OSError as exc:
         raise ConnectionFailure(f"write failed: {exc}") from exc
