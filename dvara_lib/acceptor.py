@@ -91,6 +91,7 @@ class Acceptor(threading.Thread):
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
         self._running = True
         self._draining = False
+        self._accept_error_logged = 0.0
         self._sender: Optional[handoff.Sender] = None
         self.drained = threading.Event()
         self._next_housekeeping = 0.0
@@ -229,8 +230,11 @@ class Acceptor(threading.Thread):
     def _accept_failed(self, listener: _Listener, exc: OSError) -> None:
         if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
             return
-        log.error("accept on %s failed: %s; retrying in %.1fs", listener.member.proxy, exc,
-                  _ACCEPT_BACKOFF)
+        now = time.monotonic()
+        if now - self._accept_error_logged >= 1.0:   # at most one line a second
+            self._accept_error_logged = now
+            log.error("accept on %s failed: %s; retrying every %.1fs", listener.member.proxy,
+                      exc, _ACCEPT_BACKOFF)
         self._unregister(listener.sock)
         self._later(_ACCEPT_BACKOFF, lambda: self._reregister_listener(listener))
 

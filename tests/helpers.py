@@ -123,12 +123,18 @@ class Secantus(Process):
         self.tmp = tmp
         self.extra = extra
         super().__init__(self._argv(), tmp / f"secantus-{self.port}.log")
-        wait_until(lambda: accepts(self.port) or self._died(), "SecantusDB to accept", 60)
+        wait_until(lambda: self._listening() or self._died(), "SecantusDB to listen", 60)
         assert self.proc.poll() is None, self.log()
 
     def _argv(self) -> list[str]:
         return [require("secantusd-py"), "--host", "127.0.0.1", "--port", str(self.port),
                 "--storage-path", ":memory:", "--log-level", "WARNING", *self.extra]
+
+    def _listening(self) -> bool:
+        """Our own process listens on the port (not another test's server on a reused port)."""
+        out = subprocess.run(["ss", "-ltnpH", f"( sport = :{self.port} )"],
+                             capture_output=True, text=True).stdout
+        return f"pid={self.pid}," in out
 
     def _died(self) -> bool:
         return self.proc.poll() is not None
