@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 from pymongo import MongoClient
 
@@ -36,6 +38,10 @@ def test_demo_config_runs_a_backend_and_stops_it(tmp_path):
 
 
 def test_console_script_and_help():
+    console = shutil.which("dvara") or str(Path(sys.executable).with_name("dvara"))
+    assert Path(console).exists(), "pip install -e . installs a `dvara` command"
+    assert subprocess.run([console, "--help"], capture_output=True, text=True,
+                          timeout=60).returncode == 0
     out = subprocess.run([sys.executable, str(ROOT / "dvara.py"), "--help"], capture_output=True,
                          text=True, timeout=60, cwd=ROOT)
     assert out.returncode == 0
