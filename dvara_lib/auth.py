@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from bson.binary import Binary
 
 from dvara_lib import scram, wire
-from dvara_lib.errors import AuthenticationFailure, ConfigError, ProtocolError
+from dvara_lib.errors import AuthenticationFailure, ConfigError
 from dvara_lib.userfile import User, UserFile
 
 if TYPE_CHECKING:
@@ -150,11 +150,7 @@ class BackendLogin:
             request = wire.op_msg({**doc, "$db": self.source})
         else:
             request = wire.op_query(f"{self.source}.$cmd", doc)
-        wire.send_all(sock, request)
-        frame = wire.read_frame(sock)
-        if wire.response_to(frame) != wire.request_id(request):
-            raise ProtocolError("authentication reply answers another request")
-        reply = wire.reply_document(frame)
+        reply = wire.round_trip(sock, request)
         if not reply.get("ok"):
             raise AuthenticationFailure(
                 f"{reply.get('errmsg', 'refused')} (code {reply.get('code', '?')})")

@@ -18,7 +18,6 @@ import time
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Optional
 
 from dvara_lib import wire
-from dvara_lib.errors import ProtocolError
 
 if TYPE_CHECKING:
     from dvara_lib.auth import ClientAuth

@@ -47,11 +47,7 @@ def hello_request(max_wire_version: int, first: bool, app_version: str = "") -> 
 
 def run_hello(sock: socket.socket, request: bytes) -> dict[str, Any]:
     """Send a hello on sock and return the reply document. Can raise ConnectionFailure."""
-    wire.send_all(sock, request)
-    reply = wire.read_frame(sock)
-    if wire.response_to(reply) != wire.request_id(request):
-        raise ProtocolError("hello reply answers another request")
-    doc = wire.reply_document(reply)
+    doc = wire.round_trip(sock, request)
     if not doc.get("ok"):
         raise ConnectionFailure(f"hello failed: {doc.get('errmsg', doc)}")
     return doc
@@ -180,8 +176,7 @@ class MemberMonitor:
             request = wire.op_query("admin.$cmd", {"replSetGetStatus": 1})
         else:
             request = wire.op_msg({"replSetGetStatus": 1, "$db": "admin"})
-        wire.send_all(self._sock, request)
-        doc = wire.reply_document(wire.read_frame(self._sock))
+        doc = wire.round_trip(self._sock, request)
         return [str(m["name"]) for m in doc.get("members") or [] if m.get("name")]
 
     def close(self) -> None:

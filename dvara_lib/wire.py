@@ -152,6 +152,19 @@ def read_frame(sock: socket.socket) -> bytes:
     return header + recv_exact(sock, length - 16)
 
 
+def round_trip(sock: socket.socket, request: bytes) -> dict[str, Any]:
+    """Send a request the proxy built and return its reply's document.
+
+    Can raise ConnectionFailure, ServerTimeout or ProtocolError.
+    """
+    send_all(sock, request)
+    reply = read_frame(sock)
+    if response_to(reply) != request_id(request):
+        raise ProtocolError(f"reply answers request {response_to(reply)}, "
+                            f"not {request_id(request)}")
+    return reply_document(reply)
+
+
 def send_all(sock: socket.socket, data: bytes) -> None:
     """Write all of data. Can raise ConnectionFailure or ServerTimeout."""
     try:

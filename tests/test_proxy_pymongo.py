@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import threading
 
-import pymongo
 import pytest
 from bson import ObjectId
-from pymongo import CursorType, MongoClient
+from pymongo import CursorType, MongoClient, monitoring
 from pymongo.write_concern import WriteConcern
 
-from tests.helpers import Dvara, Secantus, wait_until
+from tests.helpers import Dvara, Secantus
 
 
 @pytest.fixture(scope="module")
@@ -115,12 +114,29 @@ def test_transaction_and_retryable_write(client: MongoClient):
 
 
 def test_retryable_write_carries_a_transaction_number(proxy: Dvara):
-    with MongoClient(proxy.uri(retryWrites="true"), serverSelectionTimeoutMS=10000) as client:
+    listener = _InsertListener()
+    with MongoClient(proxy.uri(retryWrites="true"), serverSelectionTimeoutMS=10000,
+                     event_listeners=[listener]) as client:
         oid = ObjectId()
-        with client.start_session() as session:
-            client.txn.retry.insert_one({"_id": oid}, session=session)
-            assert session._transaction_id > 0 if hasattr(session, "_transaction_id") else True
+        client.txn.retry.insert_one({"_id": oid})
         assert client.txn.retry.find_one({"_id": oid}) is not None
+    sent = listener.inserts[-1]
+    assert sent["txnNumber"] >= 1 and "lsid" in sent   # the server accepted a retryable write
+
+
+class _InsertListener(monitoring.CommandListener):
+    def __init__(self) -> None:
+        self.inserts: list[dict] = []
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        if event.command_name == "insert":
+            self.inserts.append(dict(event.command))
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        pass
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        pass
 
 
 def test_compression_zlib(proxy: Dvara):
