@@ -31,7 +31,7 @@ import time
 from concurrent.futures import Executor
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from dvara_lib import handoff, hello, tls, wire
+from dvara_lib import auth, handoff, hello, legacy, tls, wire
 from dvara_lib.client import ClientConn
 from dvara_lib.discovery import start_thread_pool
 from dvara_lib.errors import ProtocolError
@@ -442,16 +442,18 @@ class Acceptor(threading.Thread):
     def _let_go(self, client: ClientConn) -> None:
         """Move client to the new process if there is one and it can move, else close it."""
         sender, parked = self._sender, client.parked
+        login = auth.login_of(client)
         if sender is None or len(client.buf) > handoff.MAX_BUFFERED or client.closing \
-                or client.reader is not None or client.auth is not None:
-            # (issue 7: a TLS session and a client's login live in this process only)
+                or client.reader is not None or login is False:
+            # A TLS session, or a login half done, lives in this process only.
             self._close(client, "draining")
             return
         parked_meta = None if parked is None else {
             "frame": base64.b64encode(parked.frame).decode(), "command": parked.command,
             "exhaust": parked.exhaust}
         meta = handoff.describe(client.member.real, client.peer, bytes(client.buf),
-                                client.compressors, parked_meta)
+                                client.compressors, parked_meta, login=login,
+                                last_error=legacy.describe(client.last_error))
         self._unregister(client.sock)
         moved = sender.send_client(client.sock, meta)
         self._close(client, "handed to the new process" if moved else "draining")
@@ -461,6 +463,12 @@ class Acceptor(threading.Thread):
         client = ClientConn(sock, tuple(meta["peer"]), member, self.settings.message_timeout)
         client.buf += meta["buf"]
         client.compressors = list(meta.get("compressors") or [])
+        client.last_error = legacy.restore(meta.get("last_error"))
+        if not auth.restore_login(client, meta.get("login"), self.relay.gate):
+            log.warning("dropping a handed-over client of %s: its user is gone",
+                        meta.get("login"))
+            sock.close()
+            return
         self._clients.add(client)
         self._per_ip[client.peer_ip] += 1
         member.stats.incr("clients.connects")

@@ -257,6 +257,29 @@ class ClientAuth:
         self.speculative = False               # the conversation began inside hello
 
 
+def login_of(client: "ClientConn") -> Any:
+    """For a graceful restart: None (no login), [db, user] (logged in), or False (a login
+    conversation is under way and cannot move)."""
+    state = client.auth
+    if state is None or (state.user is None and state.conversation is None):
+        return None
+    if state.conversation is not None or state.user is None:
+        return False
+    return [state.user.db, state.user.name]
+
+
+def restore_login(client: "ClientConn", login: Any, gate: Optional["Gate"]) -> bool:
+    """Log a handed-over client in again as the user it was; False if that user is gone."""
+    if not login:
+        return True
+    user = gate.users.get(*login) if gate is not None and gate.users is not None else None
+    if user is None:
+        return False
+    state = client.auth = ClientAuth()
+    state.user, state.read_only = user, user.read_only
+    return True
+
+
 class FailureLimiter:
     """Failed logins per client IP in the current minute. Thread-safe."""
 

@@ -46,10 +46,12 @@ def inherited_listeners() -> dict[int, int]:
 
 
 def describe(member: str, peer: tuple, buf: bytes, compressors: list[str],
-             parked: Optional[dict[str, Any]]) -> bytes:
+             parked: Optional[dict[str, Any]], **state: Any) -> bytes:
+    """One client, as JSON: its member, unread bytes, compressors, parked hello, and any
+    per-connection state (``login``: [db, user]; ``last_error``: legacy getLastError)."""
     return json.dumps({"member": member, "peer": list(peer[:2]),
                        "buf": base64.b64encode(buf).decode(), "compressors": compressors,
-                       "parked": parked}).encode()
+                       "parked": parked, **state}).encode()
 
 
 def decode(data: bytes) -> dict[str, Any]:

@@ -48,6 +48,7 @@ Decisions, and where the proxy knowingly differs from mongod 2.4:
 
 from __future__ import annotations
 
+import base64
 import logging
 import select
 import struct
@@ -82,6 +83,23 @@ _KEEP_PIN = "keep pin"  # getPrevError, replSetGetStatus with forShell: stay pin
 
 _IDS = struct.Struct("<ii")
 _CURSOR_ID = struct.Struct("<q")
+
+
+def describe(state: Optional["LastError"]) -> Optional[dict[str, Any]]:
+    """A client's last error as JSON-able data (for a graceful restart)."""
+    if state is None:
+        return None
+    reply = None if state.reply is None else base64.b64encode(state.reply).decode()
+    return {"reply": reply, "nprev": state.nprev}
+
+
+def restore(data: Optional[dict[str, Any]]) -> Optional["LastError"]:
+    if not data:
+        return None
+    state = LastError()
+    state.reply = None if data.get("reply") is None else base64.b64decode(data["reply"])
+    state.nprev = int(data.get("nprev", 1))
+    return state
 
 
 class LastError:

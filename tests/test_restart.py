@@ -217,3 +217,34 @@ def test_cron_script_started_twice_starts_one_dvara(secantus, tmp_path: Path):
         if pid:
             os.kill(pid, signal.SIGTERM)
             wait_until(lambda: not _alive(pid), "dvara to stop", 30)
+
+
+def test_logged_in_and_legacy_clients_move_with_their_state(secantus, tmp_path: Path):
+    from tests.secure_helpers import adduser, raw_login
+    users, pidfile = tmp_path / "users.json", tmp_path / "dvara.pid"
+    assert adduser(users, "app", "s3cret").returncode == 0
+    proxy = Dvara(tmp_path, secantus.address, "--client-auth-file", str(users),
+                  "--pidfile", str(pidfile))
+    logged_in, legacy_client = RawClient(proxy.port, timeout=30), RawClient(proxy.port, 30)
+    try:
+        assert raw_login(logged_in, "app", "s3cret")["ok"] == 1.0
+        assert raw_login(legacy_client, "app", "s3cret")["ok"] == 1.0
+        assert logged_in.command({"ping": 1}, "admin")["ok"] == 1.0
+        first = legacy_client.legacy_command({"getLastError": 1})   # answered by the proxy
+        old = proxy.pid
+        proxy.send_signal(signal.SIGUSR2)
+        wait_until(lambda: _pid(pidfile) not in (0, old), "the new process", 60)
+        wait_until(lambda: not _alive(old), "the old process to exit", 40)
+        # same sockets, still logged in: a command that needs a login works
+        assert logged_in.command({"listDatabases": 1}, "admin")["ok"] == 1.0
+        again = legacy_client.legacy_command({"getLastError": 1})
+        assert again["ok"] == 1.0 and again["n"] == first["n"] == 0
+        assert "handed to the new process" in proxy.log() or "took over 2" in proxy.log()
+    finally:
+        logged_in.close()
+        legacy_client.close()
+        current = _pid(pidfile)
+        if current and _alive(current):
+            os.kill(current, signal.SIGTERM)
+            wait_until(lambda: not _alive(current), "the last dvara to stop", 30)
+        proxy.stop()
