@@ -88,14 +88,14 @@ class ClientConn:
         # instead of a plain recv (dvara_lib.tls)
         self.auth: Optional["ClientAuth"] = None
         self.reader: Optional[Callable[["ClientConn"], bool]] = None
-        sock.settimeout(message_timeout)
+        wire.set_io_timeout(sock, message_timeout)   # bounds a worker's writes
 
     def fill(self) -> bool:
         """Read what the socket has (it is readable). False on EOF or a read error."""
         if self.reader is not None:             # issue 7: TLS (dvara_lib.tls)
             return self.reader(self)
         try:
-            data = self.sock.recv(_READ_CHUNK)
+            data = self.sock.recv(_READ_CHUNK, socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError, socket.timeout):
             return True
         except OSError as exc:
