@@ -59,8 +59,9 @@ class _Listener:
 class Acceptor(threading.Thread):
     """Accepts clients, reads their messages, hands whole messages to the executor.
 
-    Methods for other threads: add_listener, remove_listener, handback, topology_changed,
-    drain, stop, call_soon. Everything else runs in this thread only.
+    Methods for other threads: add_listener, retire, handback, topology_changed, drain,
+    adopt, stop, call_soon (and, reading snapshots, listener_fds, counts,
+    clients_per_member). Everything else runs in this thread only.
     """
 
     def __init__(self, settings: "Settings", executor: Executor, relay: Relay) -> None:
@@ -108,9 +109,6 @@ class Acceptor(threading.Thread):
     def add_listener(self, sock: socket.socket, member: "Member") -> None:
         sock.setblocking(False)
         self.call_soon(lambda: self._add_listener(sock, member))
-
-    def remove_listener(self, member: "Member") -> None:
-        self.call_soon(lambda: self._remove_listener(member))
 
     def handback(self, client: ClientConn, verdict: str) -> None:
         """Called by a worker when it is done with client."""

@@ -223,7 +223,6 @@ class DiscoveryThread(threading.Thread):
         self._next_seed_probe = 0.0
         self._wake = threading.Event()
         self._halt = threading.Event()
-        self.rounds = 0
 
     def wake(self) -> None:
         """Check every member now (a server connection failed or said the topology moved)."""
@@ -314,8 +313,6 @@ class DiscoveryThread(threading.Thread):
                 continue
             self._apply(check)
             applied = True
-        if applied:
-            self.rounds += 1
         return applied
 
     def _apply(self, check: Check) -> None:
