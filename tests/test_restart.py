@@ -36,6 +36,15 @@ def _alive(pid: int) -> bool:
     return "State:\tZ" not in status
 
 
+def _stop_current(pidfile: Path, proxy: Dvara) -> None:
+    """Stop whichever dvara the pidfile names now (restarts replace the one we started)."""
+    current = _pid(pidfile)
+    if current and _alive(current):
+        os.kill(current, signal.SIGTERM)
+        wait_until(lambda: not _alive(current), "the last dvara to stop", 30)
+    proxy.stop()
+
+
 class Load:
     """threads inserting unique documents with retryable writes until stopped."""
 
@@ -128,11 +137,7 @@ def test_five_graceful_restarts_under_load(secantus, tmp_path: Path):
         connector.join(10)
         idle.close()
         legacy.close()
-        current = _pid(pidfile)
-        if current and _alive(current):
-            os.kill(current, signal.SIGTERM)
-            wait_until(lambda: not _alive(current), "the last dvara to stop", 30)
-        proxy.stop()
+        _stop_current(pidfile, proxy)
     assert connector.refused == 0 and connector.ok > 0
 
 
@@ -243,8 +248,4 @@ def test_logged_in_and_legacy_clients_move_with_their_state(secantus, tmp_path: 
     finally:
         logged_in.close()
         legacy_client.close()
-        current = _pid(pidfile)
-        if current and _alive(current):
-            os.kill(current, signal.SIGTERM)
-            wait_until(lambda: not _alive(current), "the last dvara to stop", 30)
-        proxy.stop()
+        _stop_current(pidfile, proxy)
