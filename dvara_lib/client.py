@@ -117,7 +117,12 @@ class ClientConn:
         wire.check_length(length)
         if len(buf) < length:
             return None
-        frame = bytes(buf[:length])
+        if len(buf) == length:          # the usual case: one message, copied once
+            frame = bytes(buf)
+            buf.clear()
+            return frame
+        with memoryview(buf) as view:
+            frame = bytes(view[:length])
         del buf[:length]
         return frame
 

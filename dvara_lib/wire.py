@@ -126,11 +126,9 @@ def set_io_timeout(sock: socket.socket, seconds: float) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
 
 
-def recv_exact(sock: socket.socket, n: int) -> bytes:
-    """Read exactly n bytes. Can raise ConnectionFailure or ServerTimeout."""
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
+def _recv_into(sock: socket.socket, view: memoryview) -> None:
+    """Fill view from sock. Can raise ConnectionFailure or ServerTimeout."""
+    got, n = 0, len(view)
     while got < n:
         try:
             chunk = sock.recv_into(view[got:], n - got)
@@ -141,15 +139,28 @@ def recv_exact(sock: socket.socket, n: int) -> bytes:
         if chunk == 0:
             raise ConnectionFailure("connection closed by server")
         got += chunk
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    """Read exactly n bytes. Can raise ConnectionFailure or ServerTimeout."""
+    buf = bytearray(n)
+    _recv_into(sock, memoryview(buf))
     return bytes(buf)
 
 
 def read_frame(sock: socket.socket) -> bytes:
-    """Read one whole message (header included). Can raise ConnectionFailure, ProtocolError."""
+    """Read one whole message (header included), copying its body once.
+
+    Can raise ConnectionFailure, ServerTimeout or ProtocolError.
+    """
     header = recv_exact(sock, 16)
     length = _INT32.unpack_from(header, 0)[0]
     check_length(length)
-    return header + recv_exact(sock, length - 16)
+    frame = bytearray(length)
+    frame[:16] = header
+    with memoryview(frame) as view:
+        _recv_into(sock, view[16:])
+    return bytes(frame)
 
 
 def round_trip(sock: socket.socket, request: bytes) -> dict[str, Any]:
