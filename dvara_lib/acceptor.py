@@ -1,17 +1,24 @@
 """The acceptor thread: the only owner of the selector, the listeners and idle clients.
 
 # design:
-# The acceptor thread owns the selector and every idle or parked client socket. It reads
-# what clients send with non-blocking reads and assembles whole frames; only a complete
-# message is handed to the ThreadPoolExecutor, so thousands of idle clients cost no
-# thread. While a worker relays a message the client's socket is out of the selector;
-# the worker hands the client back through ``handback`` (a SimpleQueue plus a wake-up
-# pipe) and only this thread registers it again. Awaitable hellos are parked here, with
-# no worker and no server connection, until their member changes or their time is up.
-# A client holding a pinned server connection (after a write that has no reply) needs no
-# checkout, so its messages go to a few workers of their own: clients waiting for the
-# pool can then never hold up the getLastError that gives a connection back.
+# The acceptor thread owns the selector and every idle or parked client. Each client
+# socket is registered once, edge-triggered, for its whole life. On an edge the
+# acceptor reads what an idle client sent (non-blocking) and assembles whole frames;
+# only a complete message is handed, with the client, to the workers (``Dispatcher``),
+# so thousands of idle clients cost no thread. An edge that comes while a worker owns
+# the client is only noted on the client (``ClientConn.readable_while_busy``): the
+# worker reads what came when it lets go. A worker that is done gives the client back
+# by itself (``ClientConn.release``, no system call); it hands the client to this
+# thread (``handback``: a SimpleQueue plus an eventfd) only when there is work here:
+# an awaitable hello to park, a client to close, a drain under way, bytes it may not
+# read because the buffer budget is spent. Parked hellos wait here, with no worker and
+# no server connection, until their member changes or their time is up.
 # Workers and other threads never touch the selector: they call ``call_soon``.
+#
+# Buffer budget: while the bytes buffered for incomplete messages exceed
+# --max-buffered-bytes, a client in the middle of a message is not read (TCP pushes
+# back) except one, the favoured, which may finish its message; clients between
+# messages are read a little at a time, so small messages keep flowing.
 """
 
 from __future__ import annotations
@@ -24,21 +31,21 @@ import itertools
 import logging
 import os
 import queue
+import select
 import selectors
 import socket
 import threading
 import time
-from concurrent.futures import Executor
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from dvara_lib import auth, handoff, hello, legacy, tls, wire
-from dvara_lib.client import ClientConn
-from dvara_lib.discovery import start_thread_pool
+from dvara_lib import auth, handoff, legacy, tls
+from dvara_lib.client import ClientConn, ClientIO, Fill, ParkedHello, Verdict
 from dvara_lib.errors import ProtocolError
-from dvara_lib.relay import CLOSE, PARK, Relay
 
 if TYPE_CHECKING:
     from dvara_lib.config import Settings
+    from dvara_lib.dispatch import Dispatcher
+    from dvara_lib.relay import Relay
     from dvara_lib.topology import Member
 
 log = logging.getLogger("dvara.acceptor")
@@ -46,6 +53,23 @@ log = logging.getLogger("dvara.acceptor")
 _HOUSEKEEPING_INTERVAL = 0.5
 _ACCEPT_BATCH = 64
 _ACCEPT_BACKOFF = 0.1
+_READ_LIMIT = 1024 * 1024       # read at most this much of one client per event (fairness)
+_SMALL_READ = 16 * 1024         # what a client between messages may send while over budget
+_THROTTLE_POLL = 0.05           # how often throttled clients are looked at while over budget
+_EDGE = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
+
+
+class _EdgeSelector(selectors.EpollSelector):
+    """The stdlib epoll selector, plus edge-triggered registrations (which the selectors
+    API cannot express): a client stays registered while a worker owns it."""
+
+    def register_edge(self, fileobj: Any, data: Any) -> None:
+        key = self.register(fileobj, selectors.EVENT_READ, data)
+        try:
+            self._selector.modify(key.fd, _EDGE)
+        except OSError:
+            self.unregister(fileobj)
+            raise
 
 
 class _Listener:
@@ -57,41 +81,37 @@ class _Listener:
 
 
 class Acceptor(threading.Thread):
-    """Accepts clients, reads their messages, hands whole messages to the executor.
+    """Accepts clients, reads their messages, hands whole messages to the workers.
 
     Methods for other threads: add_listener, retire, handback, topology_changed, drain,
     adopt, stop, call_soon (and, reading snapshots, listener_fds, counts,
     clients_per_member). Everything else runs in this thread only.
     """
 
-    def __init__(self, settings: "Settings", executor: Executor, relay: Relay) -> None:
+    def __init__(self, settings: "Settings", dispatcher: "Dispatcher", relay: "Relay",
+                 io: ClientIO) -> None:
         super().__init__(name="dvara-acceptor", daemon=True)
         self.settings = settings
-        self.executor = executor
-        # As many as one member's pins can need (each pin holds one of its connections).
-        self._pinned_executor = start_thread_pool(
-            max(2, min(settings.workers, settings.max_connections)), "dvara-pinned")
+        self.dispatcher = dispatcher
         self.relay = relay
-        self.tls = tls.ClientTLS.from_settings(settings)   # issue 7: client TLS, or None
-        self._selector = selectors.DefaultSelector()
+        self.io = io
+        self.tls = tls.ClientTLS.from_settings(settings)   # client TLS, or None
+        self._selector = _EdgeSelector()
         self._calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
-        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._wake_lock = threading.Lock()
+        self._wake_fd: Optional[int] = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._selector.register(self._wake_fd, selectors.EVENT_READ, None)
         self._listeners: dict["Member", _Listener] = {}
         self._clients: set[ClientConn] = set()      # every open client
-        self._busy: set[ClientConn] = set()         # clients a worker holds
-        # issue 6: each member's share of the workers (see _submit_shared)
-        self._in_flight: collections.Counter["Member"] = collections.Counter()
-        self._counted: dict[ClientConn, "Member"] = {}
-        self._held: dict["Member", collections.deque[tuple[ClientConn, bytes]]] = {}
         self._per_ip: collections.Counter[str] = collections.Counter()
-        self._deadlines: list[tuple[float, int, ClientConn]] = []
+        self._parked: dict[int, ClientConn] = {}    # client id -> client with a parked hello
+        self._deadlines: list[tuple[float, int, int]] = []   # (deadline, seq, client id)
         self._seq = itertools.count()
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
+        self._throttled: dict[ClientConn, None] = {}   # unread bytes left in the socket
+        self._favoured: Optional[ClientConn] = None
         self._running = True
-        self._draining = False
+        self.draining = False
         self._accept_error_logged = 0.0
         self._sender: Optional[handoff.Sender] = None
         self.drained = threading.Event()
@@ -99,20 +119,21 @@ class Acceptor(threading.Thread):
 
     # -- API for other threads ------------------------------------------------------------
     def call_soon(self, fn: Callable[[], None]) -> None:
-        """Run fn in the acceptor thread."""
-        self._calls.put(fn)
-        try:
-            os.write(self._wake_w, b"x")
-        except (BlockingIOError, OSError):
-            pass  # the pipe is full, so a wake-up is pending already
+        """Run fn in the acceptor thread (never, once the acceptor has stopped)."""
+        with self._wake_lock:
+            if self._wake_fd is None:
+                return
+            self._calls.put(fn)
+            os.eventfd_write(self._wake_fd, 1)
 
     def add_listener(self, sock: socket.socket, member: "Member") -> None:
         sock.setblocking(False)
         self.call_soon(lambda: self._add_listener(sock, member))
 
-    def handback(self, client: ClientConn, verdict: str) -> None:
-        """Called by a worker when it is done with client."""
-        self.call_soon(lambda: self._resume(client, verdict))
+    def handback(self, client: ClientConn, verdict: Verdict,
+                 parked: Optional[ParkedHello] = None) -> None:
+        """Called by a worker that hands client to the acceptor (it owns it no more)."""
+        self.call_soon(lambda: self._resume(client, verdict, parked))
 
     def retire(self, member: "Member") -> None:
         """Close member's listener; its clients finish their message in flight, then close."""
@@ -131,6 +152,16 @@ class Acceptor(threading.Thread):
         """Take over a client handed over by the process this one replaces."""
         self.call_soon(lambda: self._adopt(sock, meta, member))
 
+    def abort_busy(self) -> None:
+        """Cut the sockets of clients a worker still holds, so that the worker fails fast
+        (the end of a drain that timed out)."""
+        for client in list(self._clients):
+            if client.busy:
+                try:
+                    client.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
     def stop(self) -> None:
         self._running = False
         self.call_soon(lambda: None)
@@ -141,7 +172,8 @@ class Acceptor(threading.Thread):
                 for member, listener in list(self._listeners.items())}
 
     def counts(self) -> dict[str, int]:
-        return {"clients": len(self._clients), "busy": len(self._busy)}
+        clients = list(self._clients)
+        return {"clients": len(clients), "busy": sum(1 for c in clients if c.busy)}
 
     def clients_per_member(self) -> dict[str, int]:
         """Open clients per real member address (read without a lock: a snapshot)."""
@@ -153,6 +185,7 @@ class Acceptor(threading.Thread):
             while self._running:
                 for key, _ in self._selector.select(self._timeout()):
                     self._dispatch_event(key)
+                self._read_throttled()
                 self._housekeeping()
         except Exception:
             log.exception("acceptor failed")
@@ -161,6 +194,8 @@ class Acceptor(threading.Thread):
             self._shutdown()
 
     def _timeout(self) -> float:
+        if self._throttled:
+            return _THROTTLE_POLL if self.io.budget.spent else 0.0
         now = time.monotonic()
         when = self._next_housekeeping
         if self._deadlines:
@@ -175,13 +210,12 @@ class Acceptor(threading.Thread):
             self._run_calls()
         elif isinstance(data, _Listener):
             self._accept(data)
-        else:
-            self._on_readable(data)
+        elif not data.closed and not data.readable_while_busy():
+            self._advance(data, unread=True)
 
     def _run_calls(self) -> None:
         try:
-            while os.read(self._wake_r, 4096):
-                pass
+            os.eventfd_read(self._wake_fd)
         except BlockingIOError:
             pass
         while True:
@@ -189,16 +223,13 @@ class Acceptor(threading.Thread):
                 fn = self._calls.get_nowait()
             except queue.Empty:
                 return
-            try:
-                fn()
-            except Exception:
-                log.exception("acceptor callback failed")
+            _guarded(fn, "acceptor callback")
 
     # -- listeners and accepting ------------------------------------------------------------
     def _add_listener(self, sock: socket.socket, member: "Member") -> None:
         listener = _Listener(sock, member)
         self._listeners[member] = listener
-        if not self._draining:
+        if not self.draining:
             self._selector.register(sock, selectors.EVENT_READ, listener)
 
     def _remove_listener(self, member: "Member") -> None:
@@ -211,8 +242,7 @@ class Acceptor(threading.Thread):
         self._remove_listener(member)
         for client in [c for c in self._clients if c.member is member]:
             client.closing = True
-            if client not in self._busy:
-                self._close(client, "member left the replica set")
+            self._close(client, "member left the replica set")
 
     def _accept(self, listener: _Listener) -> None:
         for _ in range(_ACCEPT_BATCH):
@@ -237,7 +267,7 @@ class Acceptor(threading.Thread):
         self._later(_ACCEPT_BACKOFF, lambda: self._reregister_listener(listener))
 
     def _reregister_listener(self, listener: _Listener) -> None:
-        if self._listeners.get(listener.member) is listener and not self._draining:
+        if self._listeners.get(listener.member) is listener and not self.draining:
             self._selector.register(listener.sock, selectors.EVENT_READ, listener)
 
     def _admit(self, sock: socket.socket, peer: tuple, member: "Member") -> None:
@@ -254,101 +284,112 @@ class Acceptor(threading.Thread):
             return
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        client = ClientConn(sock, peer, member, self.settings.message_timeout)
-        self._clients.add(client)
-        self._per_ip[ip] += 1
-        member.stats.incr("clients.connects")
-        member.stats.gauge_add("clients.connected", 1)
-        if self.tls is not None:                # issue 7: TLS handshake, run by client.fill()
+        client = ClientConn(sock, peer, member, self.io)
+        self._register(client)
+        if self.tls is not None:                # TLS handshake, run by client.fill()
             self.tls.admit(client)
             self._later(self.tls.handshake_timeout, lambda: self.tls.handshaking(client)
                         and self._close(client, "no TLS handshake in time"))
-        self._selector.register(sock, selectors.EVENT_READ, client)
         log.debug("accepted %s", client)
 
-    # -- clients ----------------------------------------------------------------------------
-    def _on_readable(self, client: ClientConn) -> None:
-        if not client.fill():
-            self._close(client, "disconnected")
+    def _register(self, client: ClientConn) -> None:
+        try:
+            self._selector.register_edge(client.sock, client)
+        except (OSError, ValueError) as exc:
+            log.error("cannot watch %s: %s; closing it", client, exc)
+            client.close()
             return
-        if client.parked is None:
-            self._submit_if_ready(client)
+        self._clients.add(client)
+        self._per_ip[client.peer_ip] += 1
+        client.member.stats.incr("clients.connects")
+        client.member.stats.gauge_add("clients.connected", 1)
 
-    def _submit_if_ready(self, client: ClientConn) -> None:
+    # -- clients ----------------------------------------------------------------------------
+    def _advance(self, client: ClientConn, unread: bool) -> None:
+        """Move a client this thread owns along: read if its socket may hold more, then
+        hand its next whole message to the workers (unless a hello of its is parked)."""
+        if unread:
+            limit = self._read_limit(client)
+            if limit == 0:
+                self._throttled[client] = None
+                return
+            status = client.fill(limit)
+            if status is Fill.CLOSED:
+                if client.parked is not None or not client.has_frame():
+                    self._close(client, "disconnected")
+                    return
+                client.closing = True   # it is done sending: serve what it sent, then close
+            unread = status is Fill.MORE
+        if client.parked is None and self._submit_if_ready(client, unread):
+            return
+        if unread:
+            self._throttled[client] = None
+
+    def _submit_if_ready(self, client: ClientConn, unread: bool) -> bool:
+        """Hand client's next whole message to the workers; False if none is buffered."""
         try:
             frame = client.next_frame()
         except ProtocolError as exc:
             client.member.stats.incr("errors.bad_frame")
             log.warning("closing %s: %s", client, exc)
             self._close(client, "bad frame")
-            return
+            return True
         if frame is None:
-            return
-        self._unregister(client.sock)
-        self._busy.add(client)
-        if client.pinned is not None:
-            self._pinned_executor.submit(self.relay.serve, client, frame)
-        else:
-            self._submit_shared(client, frame)
+            return False
+        if client is self._favoured:
+            self._favoured = None
+        client.pending = unread
+        client.take()
+        self.dispatcher.submit(client, frame)
+        return True
 
-    # -- issue 6: each member's share of the workers ------------------------------------
-    # A hung member holds every worker relaying to it for up to --message-timeout. So that
-    # it never holds them all (hellos and other members' clients would wait behind it),
-    # one member's messages use at most _member_share() workers at a time; the others
-    # wait here, in order, with no worker. Hellos (the proxy answers them) never wait.
-    def _submit_shared(self, client: ClientConn, frame: bytes) -> None:
-        member = client.member
-        if self._in_flight[member] >= self._member_share():
-            if not _answered_by_proxy(frame):
-                self._held.setdefault(member, collections.deque()).append((client, frame))
-                return
-        else:
-            self._in_flight[member] += 1
-            self._counted[client] = member
-        self.executor.submit(self.relay.serve, client, frame)
+    def _read_limit(self, client: ClientConn) -> int:
+        """How much of client to read now, under the buffer budget (0: not now)."""
+        if not self.io.budget.spent or client is self._favoured:
+            return _READ_LIMIT
+        if not client.mid_message():
+            return _SMALL_READ
+        favoured = self._favoured
+        if favoured is None or favoured.closed or not favoured.mid_message():
+            self._favoured = client     # this one may finish its message
+            return _READ_LIMIT
+        if time.monotonic() - favoured.last_active > self.settings.message_timeout:
+            self._close(favoured, "half a message, then nothing for --message-timeout, "
+                                  "while the buffers are full")
+            self._favoured = client
+            return _READ_LIMIT
+        return 0
 
-    def _member_share(self) -> int:
-        workers = self.settings.workers
-        return max(1, workers - max(1, workers // 4))
+    def _read_throttled(self) -> None:
+        for client in list(self._throttled):
+            del self._throttled[client]
+            if client in self._clients and not client.busy:
+                self._advance(client, unread=True)
 
-    def _release_share(self, client: ClientConn) -> None:
-        """client's message is done: its member's next held message gets the worker."""
-        member = self._counted.pop(client, None)
-        if member is None:
-            return
-        self._in_flight[member] -= 1
-        held = self._held.get(member)
-        while held:
-            waiting, frame = held.popleft()
-            if waiting in self._clients:
-                self._in_flight[member] += 1
-                self._counted[waiting] = member
-                self.executor.submit(self.relay.serve, waiting, frame)
-                break
-        if not held:
-            self._held.pop(member, None)
-            if not self._in_flight[member]:
-                del self._in_flight[member]
-
-    def _resume(self, client: ClientConn, verdict: str) -> None:
-        """A worker is done with client: close it, park it, or read its next message."""
-        self._busy.discard(client)
-        self._release_share(client)
-        if verdict == CLOSE or client.closed or client.closing:
-            self._close(client, "closed by proxy" if verdict == CLOSE else "closing")
-        else:
-            self._selector.register(client.sock, selectors.EVENT_READ, client)
-            if verdict == PARK:
-                client.member.stats.gauge_add("hello.parked", 1)
-                heapq.heappush(self._deadlines,
-                               (client.parked.deadline, next(self._seq), client))
-            else:
-                self._submit_if_ready(client)
+    def _resume(self, client: ClientConn, verdict: Verdict,
+                parked: Optional[ParkedHello]) -> None:
+        """A worker hands client back: close it, park its hello, or move it along."""
+        with client.lock:
+            unread, client.pending, client.busy = client.pending, False, False
+        if verdict is Verdict.CLOSE or client.closing or client.closed:
+            self._close(client, "closed by proxy" if verdict is Verdict.CLOSE else "closing")
+        elif verdict is Verdict.PARK:
+            self._park(client, parked)
+            if unread:
+                self._advance(client, unread)
+        elif not self.draining:
+            self._advance(client, unread)
         self._check_drained()
 
-    def _answer_parked(self, member: Optional["Member"], now: float = 0.0) -> None:
+    def _park(self, client: ClientConn, parked: ParkedHello) -> None:
+        client.parked = parked
+        self._parked[client.id] = client
+        heapq.heappush(self._deadlines, (parked.deadline, next(self._seq), client.id))
+        client.member.stats.gauge_add("hello.parked", 1)
+
+    def _answer_parked(self, member: Optional["Member"]) -> None:
         """Answer parked hellos of member whose answer changed (all members if None)."""
-        for client in [c for c in self._clients if c.parked is not None]:
+        for client in list(self._parked.values()):
             if member is not None and client.member is not member:
                 continue
             if member is not None and client.parked.counter == member.counter:
@@ -356,24 +397,35 @@ class Acceptor(threading.Thread):
             self._unpark(client)
 
     def _unpark(self, client: ClientConn) -> None:
-        parked = client.parked
-        client.parked = None
+        parked = self._forget_parked(client)
+        client.take()
+        self.dispatcher.submit_parked(client, parked)
+
+    def _forget_parked(self, client: ClientConn) -> ParkedHello:
+        parked, client.parked = client.parked, None
+        del self._parked[client.id]
         client.member.stats.gauge_add("hello.parked", -1)
-        self._unregister(client.sock)
-        self._busy.add(client)
-        self.executor.submit(self.relay.serve_parked, client, parked)
+        if len(self._deadlines) > 2 * len(self._parked) + 64:   # drop stale entries
+            self._deadlines = [d for d in self._deadlines if d[2] in self._parked]
+            heapq.heapify(self._deadlines)
+        return parked
 
     def _close(self, client: ClientConn, why: str) -> None:
+        """Close a client this thread owns; one a worker owns is closed when handed back."""
         if client not in self._clients:
             return
+        if client.busy:
+            client.closing = True
+            return
         self._clients.discard(client)
-        self._busy.discard(client)
+        self._throttled.pop(client, None)
+        if client is self._favoured:
+            self._favoured = None
         self._per_ip[client.peer_ip] -= 1
         if self._per_ip[client.peer_ip] <= 0:
             del self._per_ip[client.peer_ip]
         if client.parked is not None:
-            client.parked = None
-            client.member.stats.gauge_add("hello.parked", -1)
+            self._forget_parked(client)
         if client.pinned is not None:
             self.relay.release_pin(client, reusable=not client.buf)
         self._unregister(client.sock)
@@ -384,7 +436,7 @@ class Acceptor(threading.Thread):
         log.debug("closed %s: %s", client, why)
         self._check_drained()
 
-    def _unregister(self, sock: socket.socket) -> None:
+    def _unregister(self, sock: Any) -> None:
         try:
             self._selector.unregister(sock)
         except (KeyError, ValueError):
@@ -397,20 +449,23 @@ class Acceptor(threading.Thread):
     def _housekeeping(self) -> None:
         now = time.monotonic()
         while self._timers and self._timers[0][0] <= now:
-            heapq.heappop(self._timers)[2]()
+            _guarded(heapq.heappop(self._timers)[2], "acceptor timer")
         while self._deadlines and self._deadlines[0][0] <= now:
-            _, _, client = heapq.heappop(self._deadlines)
-            if client.parked is not None and client.parked.deadline <= now \
-                    and client in self._clients and client not in self._busy:
+            client = self._parked.get(heapq.heappop(self._deadlines)[2])
+            if client is not None and client.parked.deadline <= now:
                 self._unpark(client)
         if now >= self._next_housekeeping:
             self._next_housekeeping = now + _HOUSEKEEPING_INTERVAL
             self._expire_idle(now)
+            self._check_drained()       # clients a worker let go since the drain began
 
     def _expire_idle(self, now: float) -> None:
         idle_cutoff = now - self.settings.client_idle_timeout
         for client in list(self._clients):
-            if client in self._busy:
+            if client.busy:
+                continue
+            if client.closing:              # a worker let it go just as it was retired
+                self._close(client, "closing")
                 continue
             if client.pinned is not None and client.pin_deadline <= now:
                 client.member.stats.incr("gle.pin_timeouts")
@@ -421,7 +476,7 @@ class Acceptor(threading.Thread):
 
     # -- draining and shutdown --------------------------------------------------------------
     def _begin_drain(self, sender: Optional[handoff.Sender]) -> None:
-        self._draining = True
+        self.draining = True
         self._sender = sender
         for member in list(self._listeners):
             self._remove_listener(member)
@@ -429,10 +484,10 @@ class Acceptor(threading.Thread):
 
     def _check_drained(self) -> None:
         """While draining: let go of every client that is between two messages."""
-        if not self._draining:
+        if not self.draining:
             return
         for client in list(self._clients):
-            if client in self._clients and client not in self._busy and client.pinned is None:
+            if client in self._clients and not client.busy and client.pinned is None:
                 self._let_go(client)
         if not self._clients:
             self.drained.set()
@@ -457,49 +512,45 @@ class Acceptor(threading.Thread):
         self._close(client, "handed to the new process" if moved else "draining")
 
     def _adopt(self, sock: socket.socket, meta: dict[str, Any], member: "Member") -> None:
-        sock.setblocking(False)
-        client = ClientConn(sock, tuple(meta["peer"]), member, self.settings.message_timeout)
-        client.buf += meta["buf"]
+        sock.setblocking(True)
+        client = ClientConn(sock, tuple(meta["peer"]), member, self.io)
+        client.took(meta["buf"])
         client.compressors = list(meta.get("compressors") or [])
         client.last_error = legacy.restore(meta.get("last_error"))
         if not auth.restore_login(client, meta.get("login"), self.relay.gate):
             log.warning("dropping a handed-over client of %s: its user is gone",
                         meta.get("login"))
-            sock.close()
+            client.close()
             return
-        self._clients.add(client)
-        self._per_ip[client.peer_ip] += 1
-        member.stats.incr("clients.connects")
-        member.stats.gauge_add("clients.connected", 1)
+        self._register(client)
+        if client.closed:
+            return
         parked = meta.get("parked")
         if parked:
             frame = base64.b64decode(parked["frame"])
-            self._busy.add(client)
-            self.executor.submit(self.relay.serve_parked, client,
-                                 self.relay.parked_now(frame, parked["command"],
-                                                       parked["exhaust"]))
+            client.take()
+            self.dispatcher.submit_parked(client, self.relay.parked_now(
+                frame, parked["command"], parked["exhaust"]))
             return
-        self._selector.register(sock, selectors.EVENT_READ, client)
-        self._submit_if_ready(client)
+        self._advance(client, unread=True)
 
     def _shutdown(self) -> None:
         for client in list(self._clients):
-            if client not in self._busy:
+            if not client.busy:
                 self._close(client, "shutdown")
         for listener in list(self._listeners.values()):
             self._unregister(listener.sock)
             listener.sock.close()
         self._listeners.clear()
         self._selector.close()
-        self._pinned_executor.shutdown(wait=False, cancel_futures=True)
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        with self._wake_lock:
+            os.close(self._wake_fd)
+            self._wake_fd = None
 
 
-def _answered_by_proxy(frame: bytes) -> bool:
-    """A hello or isMaster: the relay answers it itself, without the member."""
+def _guarded(fn: Callable[[], Any], what: str) -> None:
+    """Run fn; an error is logged, never raised into the acceptor's loop."""
     try:
-        return wire.opcode(frame) != wire.OP_COMPRESSED and hello.is_hello(
-            wire.command_name(frame))
-    except ProtocolError:
-        return False
+        fn()
+    except Exception:
+        log.exception("%s failed", what)

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from bson.binary import Binary
 
 from dvara_lib import scram, wire
+from dvara_lib.client import Verdict
 from dvara_lib.errors import AuthenticationFailure, ConfigError
 from dvara_lib.userfile import User, UserFile
 
@@ -337,8 +338,8 @@ class Gate:
 
     # -- every message -------------------------------------------------------------------
     def check(self, client: "ClientConn", frame: bytes, op: int, name: Optional[str],
-              compressor: Optional[int]) -> Optional[bool]:
-        """None: relay the message. True: answered here. False: close the client.
+              compressor: Optional[int]) -> Optional[Verdict]:
+        """None: relay the message. Else it was answered here: the verdict on the client.
 
         Can raise ProtocolError.
         """
@@ -359,11 +360,11 @@ class Gate:
         return None
 
     def _refuse(self, client: "ClientConn", frame: bytes, op: int, name: Optional[str],
-                compressor: Optional[int], errmsg: str) -> bool:
+                compressor: Optional[int], errmsg: str) -> Verdict:
         """Answer Unauthorized; a message that expects no reply closes the client."""
         if not wire.expects_reply(frame):
             log.info("closing %s: %s (the message expects no reply)", client, errmsg)
-            return False
+            return Verdict.CLOSE
         if op == wire.OP_MSG or name is not None:
             return _reply(client, frame, _error(UNAUTHORIZED, errmsg), compressor)
         reply = wire.op_reply([{"$err": errmsg, "code": UNAUTHORIZED}], wire.request_id(frame),
@@ -403,7 +404,7 @@ class Gate:
 
     # -- saslStart / saslContinue ------------------------------------------------------
     def _auth_command(self, client: "ClientConn", frame: bytes, name: str,
-                      compressor: Optional[int]) -> bool:
+                      compressor: Optional[int]) -> Verdict:
         request, db = _request(frame)
         if name == "logout":
             if client.auth is not None:
@@ -472,7 +473,7 @@ class Gate:
                 "payload": self._out(state, server_final)}
 
     def _login_failed(self, client: "ClientConn", frame: bytes, compressor: Optional[int],
-                      why: str) -> bool:
+                      why: str) -> Verdict:
         state = client.auth
         who = "?"
         if state is not None:
@@ -533,14 +534,14 @@ def _error(code: int, errmsg: str) -> dict[str, Any]:
 
 
 def _reply(client: "ClientConn", frame: bytes, doc: dict[str, Any],
-           compressor: Optional[int]) -> bool:
+           compressor: Optional[int]) -> Verdict:
     return _send(client, wire.reply_like(frame, doc), compressor)
 
 
-def _send(client: "ClientConn", reply: bytes, compressor: Optional[int]) -> bool:
+def _send(client: "ClientConn", reply: bytes, compressor: Optional[int]) -> Verdict:
     if compressor is not None:
         reply = wire.compress(reply, compressor)
-    return client.send(reply)
+    return Verdict.RESUME if client.send(reply) else Verdict.CLOSE
 
 
 def _op_name(op: int) -> str:

@@ -1,17 +1,31 @@
-"""One client connection: its socket, the bytes read so far, and its per-connection state.
+"""One client connection: its socket, the bytes read so far, and who owns it.
 
 # design:
-# A client is owned by exactly one thread at a time: the acceptor while it is idle or
-# parked (its socket registered in the selector), a worker while one of its messages is
-# being relayed (its socket unregistered). The acceptor assembles whole frames with
-# non-blocking reads (``fill``); a worker only ever writes to the socket.
+# A client is owned by exactly one thread at a time. The acceptor owns it while it is
+# idle or parked: it reads what the client sends (non-blocking) and assembles whole
+# frames. A worker owns it from the moment the acceptor hands it a frame until the
+# worker lets go: ``busy`` is True for exactly that span. The socket stays registered
+# (edge-triggered) for the client's whole life; an edge that comes while a worker owns
+# the client only sets ``pending`` (under ``lock``), and the worker, letting go, reads
+# what came meanwhile itself (``release``). So a worker that is done with a client
+# gives it back with no system call and no wake-up of the acceptor, unless the
+# acceptor has to act (park a hello, close, drain): then it hands the client back with
+# a ``Verdict`` through ``Acceptor.handback``. Only the acceptor sets ``parked``.
+#
+# Memory: every byte buffered for an incomplete message is counted in one ``Budget``
+# (--max-buffered-bytes); the acceptor stops reading clients that are mid-message while
+# the budget is spent (TCP pushes back) and lets one of them at a time finish its
+# message, so the buffers always drain.
 """
 
 from __future__ import annotations
 
+import enum
 import itertools
 import logging
+import select
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -28,26 +42,72 @@ if TYPE_CHECKING:
 log = logging.getLogger("dvara.client")
 
 _INT32 = struct.Struct("<i")
-_READ_CHUNK = 64 * 1024  # larger buffers cost an mmap/munmap per recv
+_READ_CHUNK = 64 * 1024          # larger buffers cost an mmap/munmap per recv
 _connection_ids = itertools.count(1)
 
 
-class _Tee:
+class Verdict(enum.Enum):
+    """What a worker tells the acceptor when it hands a client back."""
+
+    RESUME = "resume"   # read its next message
+    PARK = "park"       # hold its awaitable hello (the ParkedHello comes with it)
+    CLOSE = "close"     # close it
+
+
+class Fill(enum.Enum):
+    """What one ``ClientConn.fill`` call found."""
+
+    CLOSED = "closed"     # end of stream or a read error
+    DRAINED = "drained"   # read everything the socket had
+    MORE = "more"         # stopped at the limit: the socket may hold more
+
+
+class Budget:
+    """The bytes buffered for clients' incomplete messages, in all (--max-buffered-bytes).
+
+    Thread-safe; reading ``spent`` takes no lock.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._lock = threading.Lock()
+
+    @property
+    def spent(self) -> bool:
+        return self.used >= self.limit
+
+    def add(self, n: int) -> None:
+        with self._lock:
+            self.used += n
+
+
+class ClientIO:
+    """What every client of one acceptor shares: the byte budget, the write time-out
+    (--message-timeout, live), how long a worker waits for a client's next message, and
+    the --tee-file writer."""
+
+    def __init__(self, budget: Budget, write_timeout: float, linger: float = 0.0,
+                 tee: Optional["Tee"] = None) -> None:
+        self.budget = budget
+        self.write_timeout = write_timeout
+        self.linger = linger
+        self.tee = tee
+
+
+class Tee:
     """--tee-file: a copy of every byte sent to clients (debugging and tests)."""
 
-    def __init__(self) -> None:
-        self.file: Optional[BinaryIO] = None
+    def __init__(self, path: str) -> None:
+        self.file: BinaryIO = open(path, "ab", buffering=0)
         self.lock = threading.Lock()
-
-    def open(self, path: Optional[str]) -> None:
-        self.file = open(path, "ab", buffering=0) if path else None
 
     def write(self, data: bytes) -> None:
         with self.lock:
             self.file.write(data)
 
-
-TEE = _Tee()
+    def close(self) -> None:
+        self.file.close()
 
 
 class ParkedHello:
@@ -65,48 +125,85 @@ class ParkedHello:
         self.counter = counter
 
 
+#: A TLS client's reader (dvara_lib.tls), called by fill() instead of a plain recv.
+Reader = Callable[["ClientConn", int], Fill]
+
+
 class ClientConn:
     """A client socket accepted on one member's listener."""
 
     def __init__(self, sock: socket.socket, peer: tuple[Any, ...], member: "Member",
-                 message_timeout: float) -> None:
+                 io: ClientIO) -> None:
         self.sock = sock
         self.peer = peer
         self.peer_ip = str(peer[0])
         self.member = member
+        self.io = io
         self.id = next(_connection_ids)
         self.buf = bytearray()
+        self.counted = 0            # bytes of buf charged to the budget
         self.compressors: list[str] = []
-        self.parked: Optional[ParkedHello] = None
+        self.parked: Optional[ParkedHello] = None       # set by the acceptor only
         self.pinned: Optional["ServerConnection"] = None
         self.pin_deadline = 0.0
         self.last_error: Optional["LastError"] = None   # made at its first legacy message
         self.last_active = time.monotonic()
         self.closed = False
         self.closing = False        # close after the message in flight
-        # issue 7: login state (dvara_lib.auth), and the TLS reader that fill() uses
-        # instead of a plain recv (dvara_lib.tls)
-        self.auth: Optional["ClientAuth"] = None
-        self.reader: Optional[Callable[["ClientConn"], bool]] = None
-        wire.set_io_timeout(sock, message_timeout)   # bounds a worker's writes
+        self.lock = threading.Lock()
+        self.busy = False           # a worker owns it (guarded by lock)
+        self.pending = False        # it became readable while busy (guarded by lock)
+        self.auth: Optional["ClientAuth"] = None        # login state (dvara_lib.auth)
+        self.reader: Optional[Reader] = None
+        sock.settimeout(None)
+        if linger_allowed(sock) and io.linger > 0:
+            wire.set_recv_timeout(sock, io.linger)
 
-    def fill(self) -> bool:
-        """Read what the socket has (it is readable). False on EOF or a read error."""
-        if self.reader is not None:             # issue 7: TLS (dvara_lib.tls)
-            return self.reader(self)
+    # -- reading (by the owner) ---------------------------------------------------------
+    def fill(self, limit: int = 4 * _READ_CHUNK) -> Fill:
+        """Read what the socket has without blocking, up to about limit bytes.
+
+        It reads until the socket says it has nothing more (an end of stream that came
+        with the data is seen now: no further edge would announce it).
+        """
+        if self.reader is not None:             # TLS (dvara_lib.tls)
+            return self.reader(self, limit)
+        got = 0
+        while got < limit:
+            try:
+                data = self.sock.recv(min(_READ_CHUNK, limit - got), socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return Fill.DRAINED
+            except OSError as exc:
+                log.debug("client %s: read failed: %s", self.peer, exc)
+                return Fill.CLOSED
+            if not data:
+                return Fill.CLOSED
+            self.took(data)
+            got += len(data)
+        return Fill.MORE
+
+    def wait_message(self) -> Optional[bytes]:
+        """Wait up to the linger time for the client's next whole message (worker only).
+
+        None if none came in time (or the client closed: the acceptor sees that).
+        """
         try:
-            data = self.sock.recv(_READ_CHUNK, socket.MSG_DONTWAIT)
-        except (BlockingIOError, InterruptedError, socket.timeout):
-            return True
-        except OSError as exc:
-            log.debug("client %s: read failed: %s", self.peer, exc)
-            return False
+            data = self.sock.recv(_READ_CHUNK)
+        except (BlockingIOError, InterruptedError, socket.timeout, OSError):
+            return None
         if not data:
-            return False
+            self.closing = True
+            return None
+        self.took(data)
+        return self.next_frame()
+
+    def took(self, data: bytes) -> None:
+        """Append bytes read from the socket to the buffer."""
         self.buf += data
-        self.member.stats.incr("bytes.in", len(data))
+        self.io.budget.add(len(data))
+        self.counted += len(data)
         self.last_active = time.monotonic()
-        return True
 
     def next_frame(self) -> Optional[bytes]:
         """Pop one whole message from the buffer, or None. Can raise ProtocolError."""
@@ -120,27 +217,78 @@ class ClientConn:
         if len(buf) == length:          # the usual case: one message, copied once
             frame = bytes(buf)
             buf.clear()
-            return frame
-        with memoryview(buf) as view:
-            frame = bytes(view[:length])
-        del buf[:length]
+        else:
+            with memoryview(buf) as view:
+                frame = bytes(view[:length])
+            del buf[:length]
+        self._uncount(length)
         return frame
 
-    def send(self, data: bytes) -> bool:
-        """Write data to the client; False if the client is gone or too slow."""
-        if TEE.file is not None:
-            TEE.write(data)
-        try:
-            self.sock.sendall(data)
-            self.member.stats.incr("bytes.out", len(data))
+    def has_frame(self) -> bool:
+        """A whole message (or a header next_frame will refuse) is buffered."""
+        buf = self.buf
+        return len(buf) >= 4 and _INT32.unpack_from(buf, 0)[0] <= len(buf)
+
+    def mid_message(self) -> bool:
+        """Part of a message is buffered (and not a whole one)."""
+        return bool(self.buf) and not self.has_frame()
+
+    def _uncount(self, n: int) -> None:
+        n = min(n, self.counted)
+        if n:
+            self.counted -= n
+            self.io.budget.add(-n)
+
+    # -- ownership ----------------------------------------------------------------------
+    def take(self) -> None:
+        """The acceptor hands the client to a worker."""
+        self.busy = True
+
+    def release(self) -> bool:
+        """A worker lets go. False if the client became readable meanwhile: the worker
+        still owns it and must read what came (then call release again)."""
+        with self.lock:
+            if self.pending:
+                self.pending = False
+                return False
+            self.busy = False
             return True
+
+    def readable_while_busy(self) -> bool:
+        """The acceptor saw an edge. True if a worker owns the client (noted for it)."""
+        with self.lock:
+            if self.busy:
+                self.pending = True
+            return self.busy
+
+    # -- writing (by the owner) -----------------------------------------------------------
+    def send(self, data: bytes) -> bool:
+        """Write all of data within the write time-out, counted for the whole write.
+
+        False if the client is gone or too slow (it is then to be closed).
+        """
+        if self.io.tee is not None:
+            self.io.tee.write(data)
+        try:
+            if isinstance(self.sock, ssl.SSLSocket):
+                ok = _send_tls(self.sock, data, self.io.write_timeout)
+            else:
+                ok = _send_plain(self.sock, data, self.io.write_timeout)
         except OSError as exc:
             log.debug("client %s: write failed: %s", self.peer, exc)
             return False
+        if not ok:
+            log.info("closing %s: it did not read its reply within %.1fs", self,
+                     self.io.write_timeout)
+            return False
+        self.member.stats.incr("bytes.out", len(data))
+        return True
 
     def close(self) -> None:
         if not self.closed:
             self.closed = True
+            self._uncount(self.counted)
+            self.buf = bytearray()
             try:
                 self.sock.close()
             except OSError:
@@ -148,3 +296,53 @@ class ClientConn:
 
     def __repr__(self) -> str:
         return f"<client #{self.id} {self.peer_ip}:{self.peer[1]} on {self.member.proxy}>"
+
+
+def linger_allowed(sock: socket.socket) -> bool:
+    """A worker may wait on the socket itself (a TLS socket is read by the acceptor only)."""
+    return not isinstance(sock, ssl.SSLSocket)
+
+
+def _send_plain(sock: socket.socket, data: bytes, timeout: float) -> bool:
+    """Write data to a plain socket; False if it takes longer than timeout in all.
+
+    Can raise OSError. The first try writes without waiting (the usual case: all of it).
+    """
+    try:
+        sent = sock.send(data, socket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        sent = 0
+    if sent == len(data):
+        return True
+    deadline = time.monotonic() + timeout
+    poller = select.poll()
+    poller.register(sock, select.POLLOUT)
+    with memoryview(data) as view:
+        while sent < len(data):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not poller.poll(remaining * 1000):
+                return False
+            try:
+                sent += sock.send(view[sent:], socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                pass
+    return True
+
+
+def _send_tls(sock: ssl.SSLSocket, data: bytes, timeout: float) -> bool:
+    """Write data to a TLS socket; False if it takes longer than timeout in all."""
+    deadline = time.monotonic() + timeout
+    sent = 0
+    with memoryview(data) as view:
+        while sent < len(data):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            sock.settimeout(remaining)
+            try:
+                sent += sock.send(view[sent:sent + 256 * 1024])
+            except socket.timeout:
+                return False
+            finally:
+                sock.settimeout(None)
+    return True

@@ -27,6 +27,7 @@ __all__ = [
     "parse_address",
     "parse_args",
     "parse_duration",
+    "parse_size",
 ]
 
 
@@ -57,6 +58,8 @@ class Settings:
     max_client_connections: int
     max_per_client_connections: int
     workers: int
+    max_buffered_bytes: int
+    worker_linger: float
     message_timeout: float
     client_idle_timeout: float
     server_idle_timeout: float
@@ -206,6 +209,44 @@ def _duration(text: str) -> float:
     if not seconds > 0 or math.isinf(seconds):
         raise argparse.ArgumentTypeError(f"must be > 0, got {text.strip()!r}")
     return seconds
+
+
+def _duration_or_zero(text: str) -> float:
+    try:
+        seconds = parse_duration(text)
+    except ValueError as exc:
+        raise _type_error(exc) from None
+    if not seconds >= 0 or math.isinf(seconds):
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text.strip()!r}")
+    return seconds
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 1024, "mb": 1024 ** 2, "gb": 1024 ** 3}
+_SIZE = re.compile(r"(\d+(?:\.\d*)?)\s*([kmg]?b?)")
+
+
+def parse_size(text: str) -> int:
+    """Parse "64MB", "1GB", "512KB", "1.5GB" or plain bytes into bytes (units of 1024).
+
+    Can raise ValueError.
+    """
+    match = _SIZE.fullmatch(text.strip().lower())
+    if not match:
+        raise ValueError(f"expected a size such as 64MB, 1GB, 512KB or plain bytes, got {text!r}")
+    number, unit = match.groups()
+    if unit in ("k", "m", "g"):
+        unit += "b"
+    return int(float(number) * _SIZE_UNITS[unit])
+
+
+def _size(text: str) -> int:
+    try:
+        size = parse_size(text)
+    except ValueError as exc:
+        raise _type_error(exc) from None
+    if size < 1024 * 1024:
+        raise argparse.ArgumentTypeError(f"must be at least 1MB, got {text.strip()!r}")
+    return size
 
 
 def _host(text: str) -> str:
@@ -360,6 +401,12 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("max-per-client-connections", _int_at_least(1), "10000", "pool", "N",
             "maximum client connections from one client IP"),
     _Option("workers", _int_at_least(1), "32", "pool", "N", "threads that forward messages"),
+    _Option("max-buffered-bytes", _size, "1GB", "pool", "SIZE",
+            "bytes held for clients' incomplete messages, in all; above it clients in the "
+            "middle of a message are read no further until the buffers drain"),
+    _Option("worker-linger", _duration_or_zero, "1ms", "pool", "DURATION",
+            "how long a worker waits for a client's next message before giving the client "
+            "back to the acceptor, when no other message waits (0: never)"),
     # timeouts
     _Option("message-timeout", _duration, "2m", "timeouts", "DURATION",
             "how long a server may take to answer one message"),

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from dvara_lib import auth, tls, wire
+from dvara_lib.dispatch import start_thread_pool
 from dvara_lib.errors import ConnectionFailure, DiscoveryError, ProtocolError
 from dvara_lib.topology import HOST_LIST_FIELDS, format_address, normalize
 
@@ -29,6 +30,8 @@ log = logging.getLogger("dvara.discovery")
 
 #: Wire version from which a server speaks OP_MSG (MongoDB 3.6).
 OP_MSG_WIRE_VERSION = 6
+#: However often checks are asked for, a member is checked at most this often (seconds).
+MIN_RECHECK = 0.25
 CLIENT_METADATA = {"driver": {"name": "dvara", "version": ""}, "os": {"type": "Linux"}}
 
 
@@ -221,11 +224,20 @@ class DiscoveryThread(threading.Thread):
         self.seeds = seeds
         self._seed_probes: dict[str, concurrent.futures.Future[dict[str, Any]]] = {}
         self._next_seed_probe = 0.0
+        self._last_start: dict[str, float] = {}
+        self._woken: set[str] = set()
+        self._wake_all = False
         self._wake = threading.Event()
         self._halt = threading.Event()
 
-    def wake(self) -> None:
-        """Check every member now (a server connection failed or said the topology moved)."""
+    def wake(self, member: Optional["Member"] = None) -> None:
+        """Check member (every member if None) soon: a server connection failed or said
+        the topology moved. However often this is called, a member is checked at most
+        once per MIN_RECHECK seconds."""
+        if member is None:
+            self._wake_all = True
+        else:
+            self._woken.add(member.real)
         self._wake.set()
 
     def close(self) -> None:
@@ -234,10 +246,9 @@ class DiscoveryThread(threading.Thread):
 
     def run(self) -> None:
         while not self._halt.is_set():
-            woken = self._wake.is_set()
             self._wake.clear()
             try:
-                self.tick(woken)
+                self.tick(force=False)
             except Exception:
                 log.exception("discovery failed; keeping the last known picture")
             self._wake.wait(0.05 if self._inflight else self._until_next_due())
@@ -246,9 +257,19 @@ class DiscoveryThread(threading.Thread):
             monitor.close()
 
     def _until_next_due(self) -> float:
-        if not self._next_due:
+        due = list(self._next_due.values())
+        due += [self._last_start.get(real, 0.0) + MIN_RECHECK for real in self._wanted()]
+        if not due:
             return self.interval
-        return max(0.0, min(self._next_due.values()) - time.monotonic())
+        return max(0.0, min(due) - time.monotonic())
+
+    def _wanted(self) -> set[str]:
+        """Members someone asked to have checked (woken, or suspect) since their last check."""
+        wanted = set(self._woken)
+        for member in self.topology.members():
+            if self._wake_all or member.suspect:
+                wanted.add(member.real)
+        return wanted
 
     def poll_once(self) -> None:
         """Check every member now and apply the results (start-up; tests)."""
@@ -265,12 +286,21 @@ class DiscoveryThread(threading.Thread):
         changed = self._apply_finished()
         now = time.monotonic()
         members = self.topology.members()
+        wanted = self._wanted()
+        self._woken, self._wake_all = set(), False
         for member in members:
-            if member.real in self._inflight:
+            real = member.real
+            if real in self._inflight:
                 continue
-            if force or member.suspect or now >= self._next_due.get(member.real, 0.0):
-                self._next_due[member.real] = now + self.interval
-                self._inflight[member.real] = self._checks.submit(self._monitor(member).check)
+            due = force or now >= self._next_due.get(real, 0.0) or (
+                real in wanted and now - self._last_start.get(real, -MIN_RECHECK) >= MIN_RECHECK)
+            if not due:
+                if real in wanted:
+                    self._woken.add(real)       # asked too soon after its last check
+                continue
+            self._next_due[real] = now + self.interval
+            self._last_start[real] = now
+            self._inflight[real] = self._checks.submit(self._monitor(member).check)
         known = {m.real for m in members}
         for real in list(self._next_due):
             if real not in known:
@@ -338,17 +368,8 @@ class DiscoveryThread(threading.Thread):
 
     def _forget(self, real: str) -> None:
         self._next_due.pop(real, None)
+        self._last_start.pop(real, None)
         self._latest.pop(real, None)
         monitor = self._monitors.pop(real, None)
         if monitor is not None:
             monitor.close()
-
-
-def start_thread_pool(count: int, prefix: str) -> concurrent.futures.ThreadPoolExecutor:
-    """A ThreadPoolExecutor with all its threads started now, so the count stays fixed."""
-    executor = concurrent.futures.ThreadPoolExecutor(count, thread_name_prefix=prefix)
-    barrier = threading.Barrier(count + 1)
-    for _ in range(count):
-        executor.submit(barrier.wait, 10)
-    barrier.wait(10)
-    return executor

@@ -17,6 +17,9 @@ if TYPE_CHECKING:
     from dvara_lib.topology import Member, Topology
 
 HELLO_NAMES = frozenset({"hello", "isMaster", "ismaster"})
+#: The longest an awaitable hello is held (drivers ask for 10 s; a client asking for more
+#: is answered after this and simply asks again).
+MAX_AWAIT_SECONDS = 60.0
 _ROLE_FIELDS = ("isWritablePrimary", "ismaster", "secondary", "primary", "arbiterOnly")
 
 
@@ -33,7 +36,8 @@ def negotiate_compression(request: dict[str, Any]) -> list[str]:
 
 
 def max_await_seconds(request: dict[str, Any]) -> Optional[float]:
-    """maxAwaitTimeMS in seconds, or None unless it is a finite number >= 0.
+    """maxAwaitTimeMS in seconds (at most MAX_AWAIT_SECONDS), or None unless it is a
+    finite number >= 0.
 
     (A NaN deadline would never come due and would stall every parked hello behind it.)
     """
@@ -41,7 +45,7 @@ def max_await_seconds(request: dict[str, Any]) -> Optional[float]:
     if not isinstance(max_await, (int, float)) or not math.isfinite(max_await) \
             or max_await < 0:
         return None
-    return float(max_await) / 1000.0
+    return min(float(max_await) / 1000.0, MAX_AWAIT_SECONDS)
 
 
 def wait_seconds(request: dict[str, Any], topology: "Topology", member: "Member") -> float:

@@ -58,6 +58,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from bson.decimal128 import Decimal128
 
 from dvara_lib import hello, wire
+from dvara_lib.client import Verdict
 from dvara_lib.discovery import OP_MSG_WIRE_VERSION
 
 if TYPE_CHECKING:
@@ -153,11 +154,11 @@ class Legacy:
 
     # -- before a message -------------------------------------------------------------------
     def handle(self, client: "ClientConn", frame: bytes, op: int, name: Optional[str],
-               compressor: Optional[int]) -> Optional[bool]:
+               compressor: Optional[int]) -> Optional[Verdict]:
         """Update client's last error for one message; answer it if the proxy should.
 
-        Returns None when the message is to be relayed as usual, True when it was answered
-        here, False when the client must be closed. Can raise ProtocolError.
+        Returns None when the message is to be relayed as usual, else the verdict on the
+        client once the proxy answered it (CLOSE if that failed). Can raise ProtocolError.
         """
         if op == wire.OP_MSG:
             return self._op_msg(client, frame, name)
@@ -174,7 +175,8 @@ class Legacy:
             state.operation()
         return None
 
-    def _op_msg(self, client: "ClientConn", frame: bytes, name: Optional[str]) -> Optional[bool]:
+    def _op_msg(self, client: "ClientConn", frame: bytes,
+                name: Optional[str]) -> Optional[Verdict]:
         """OP_MSG stays on the fast path; it never reaches a server older than 3.6."""
         member = client.member
         if member.max_wire_version < OP_MSG_WIRE_VERSION and not hello.is_hello(name):
@@ -186,7 +188,7 @@ class Legacy:
         return None
 
     def _command(self, client: "ClientConn", state: LastError, frame: bytes, name: str,
-                 compressor: Optional[int]) -> Optional[bool]:
+                 compressor: Optional[int]) -> Optional[Verdict]:
         lowered = name.lower()
         if lowered == GET_LAST_ERROR:
             return self._get_last_error(client, state, frame, compressor)
@@ -208,7 +210,7 @@ class Legacy:
         return None
 
     def _get_last_error(self, client: "ClientConn", state: LastError, frame: bytes,
-                        compressor: Optional[int]) -> Optional[bool]:
+                        compressor: Optional[int]) -> Optional[Verdict]:
         stats = client.member.stats
         stats.incr("gle.calls")
         if self._outcome_pinned(client, state):
@@ -224,7 +226,7 @@ class Legacy:
         return _send(client, bytes(out), compressor)
 
     def _answer(self, client: "ClientConn", state: LastError, frame: bytes,
-                doc: dict[str, Any], compressor: Optional[int]) -> bool:
+                doc: dict[str, Any], compressor: Optional[int]) -> Verdict:
         """Answer a legacy command here; a pin that no longer serves a write is given back."""
         self._unpin_spent(client, state)
         return _send(client, wire.op_reply([doc], wire.request_id(frame)), compressor)
@@ -238,7 +240,7 @@ class Legacy:
     def _outcome_pinned(client: "ClientConn", state: LastError) -> bool:
         return state.pending and client.pinned is not None
 
-    def _refuse_op_msg(self, client: "ClientConn", frame: bytes) -> bool:
+    def _refuse_op_msg(self, client: "ClientConn", frame: bytes) -> Verdict:
         """Answer an OP_MSG that the member could not read (or close a moreToCome one)."""
         member = client.member
         if member.answer is None:
@@ -254,28 +256,32 @@ class Legacy:
         if not wire.expects_reply(frame):
             log.info("closing %s: it sent OP_MSG (moreToCome) to %s, which cannot read it",
                      client, member.real)
-            return False
-        return client.send(wire.reply_like(frame, doc))
+            return Verdict.CLOSE
+        return _send(client, wire.reply_like(frame, doc), None)
 
     # -- after a reply --------------------------------------------------------------------
     def after_reply(self, client: "ClientConn", conn: "ServerConnection",
-                    reply: bytes) -> Optional["ServerConnection"]:
-        """Keep what a relayed reply says; conn to check in, or None if it stays pinned."""
+                    reply: bytes) -> None:
+        """Keep what a relayed reply says; pin conn again if the write's outcome is still
+        to be asked for on it."""
         state = client.last_error
         after, state.after = state.after, None
         if after == _CAPTURE:
             state.reply, state.pending = reply, False
         elif after == _KEEP_PIN:
             self.pin(client, conn, new=False, renew=False)
-            return None
         elif query_failed(reply):
             state.failed(client.id, reply)
-        return conn
 
     # -- pins ----------------------------------------------------------------------------
     def pin(self, client: "ClientConn", conn: "ServerConnection", new: bool,
             renew: bool = True) -> None:
-        """Keep conn for client's next message (for at most --get-last-error-timeout)."""
+        """Keep conn for client's next message (for at most --get-last-error-timeout).
+
+        The pin owns conn from now on: the ``with conn:`` block it came from no longer
+        checks it in.
+        """
+        conn.pinned = True
         client.pinned = conn
         if renew:
             client.pin_deadline = time.monotonic() + self.pin_timeout
@@ -288,6 +294,7 @@ class Legacy:
         """The pinned connection, now the caller's (for the client's next message)."""
         conn, client.pinned = client.pinned, None
         if conn is not None:
+            conn.pinned = False
             client.member.stats.gauge_add("gle.pinned", -1)
         return conn
 
@@ -325,10 +332,10 @@ def prev_error_doc(state: LastError) -> dict[str, Any]:
     return doc
 
 
-def _send(client: "ClientConn", reply: bytes, compressor: Optional[int]) -> bool:
+def _send(client: "ClientConn", reply: bytes, compressor: Optional[int]) -> Verdict:
     if compressor is not None:
         reply = wire.compress(reply, compressor)
-    return client.send(reply)
+    return Verdict.RESUME if client.send(reply) else Verdict.CLOSE
 
 
 def _true_value(value: Any) -> bool:

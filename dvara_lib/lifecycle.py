@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from dvara_lib import handoff
 from dvara_lib.config import parse_args
+from dvara_lib.errors import DvaraError
 from dvara_lib.pidfile import LOCK_FD_ENV
 
 if TYPE_CHECKING:
@@ -28,7 +29,8 @@ LIVE_SETTINGS = frozenset({
     "max_connections", "min_idle_connections", "max_client_connections",
     "max_per_client_connections", "message_timeout", "client_idle_timeout",
     "server_idle_timeout", "pool_wait_timeout", "get_last_error_timeout", "graceful_timeout",
-    "discovery_interval", "log_level", "ganglia", "metrics_interval", "admin_addr"})
+    "discovery_interval", "log_level", "ganglia", "metrics_interval", "admin_addr",
+    "max_buffered_bytes", "worker_linger"})
 _START_TIMEOUT = 60.0
 
 
@@ -40,7 +42,11 @@ def replace_process(server: "Server") -> bool:
     if server.settings.demo:
         log.error("graceful restart is not supported in --demo mode; ignoring SIGUSR2")
         return False
-    sender = handoff.Sender()
+    try:
+        sender = handoff.Sender()
+    except OSError as exc:
+        log.error("SIGUSR2: cannot open the hand-off socket (%s); still serving", exc)
+        return False
     listeners = server.acceptor.listener_fds()
     env = {**os.environ, handoff.LISTEN_FDS_ENV: handoff.encode_listen_fds(listeners),
            handoff.HANDOFF_ENV: sender.path}
@@ -92,7 +98,12 @@ def reload(server: "Server") -> None:
     if not live:
         log.info("SIGHUP: no live setting changed")
         return
-    server.apply_settings(dataclasses.replace(old, **live))
+    try:
+        server.apply_settings(dataclasses.replace(old, **live))
+    except (DvaraError, OSError) as exc:
+        log.error("SIGHUP: cannot apply the new settings (%s); still serving with the "
+                  "old ones", exc)
+        return
     log.info("SIGHUP: applied %s", ", ".join(n.replace("_", "-") for n in sorted(live)))
 
 

@@ -11,6 +11,10 @@
 Methods for callers:
 
 - checkout(timeout) -> ServerConnection   (Can raise PoolTimeout or ConnectionFailure.)
+  The connection is a context manager: ``with pool.checkout(t) as conn:`` checks it back
+  in when the block ends, not reusable if the block raised or ``conn.spoil()`` was called,
+  unless it was pinned to a client meanwhile (``conn.pinned``): the pin's owner then
+  checks it in (``checkin``) or uses it again in a ``with conn:`` block.
 - checkin(conn, reusable)
 - clear()       after a network error: retire every connection opened so far
 - maintain()    close connections idle too long, open up to min_idle (discovery thread)
@@ -25,7 +29,7 @@ import logging
 import socket
 import threading
 import time
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from dvara_lib import wire
 from dvara_lib.errors import ConnectionFailure, PoolTimeout
@@ -42,14 +46,29 @@ class ServerConnection:
     """One socket to a server, owned by the pool or by exactly one worker at a time."""
 
     __slots__ = ("sock", "generation", "id", "created", "last_checkin", "checked_out_at",
-                 "closed")
+                 "closed", "pool", "spoiled", "pinned")
 
-    def __init__(self, sock: socket.socket, generation: int) -> None:
+    def __init__(self, sock: socket.socket, generation: int,
+                 pool: Optional["Pool"] = None) -> None:
         self.sock = sock
         self.generation = generation
+        self.pool = pool
         self.id = next(_conn_ids)
         self.created = self.last_checkin = self.checked_out_at = time.monotonic()
         self.closed = False
+        self.spoiled = False    # may hold unread bytes or failed: never reused
+        self.pinned = False     # handed to a client's pin: the pin checks it in
+
+    def __enter__(self) -> "ServerConnection":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if not self.pinned:
+            self.pool.checkin(self, reusable=exc_type is None and not self.spoiled)
+
+    def spoil(self) -> None:
+        """Never reuse this connection (it failed, or may hold unread bytes)."""
+        self.spoiled = True
 
     def send(self, data: bytes) -> None:
         """Write one message. Can raise ConnectionFailure or ServerTimeout."""
@@ -96,6 +115,7 @@ class Pool:
         self._cond = threading.Condition(threading.Lock())
         self._total = 0          # idle + checked out + being opened
         self._waiting = 0
+        self._lent: set[ServerConnection] = set()   # checked out now
         self.generation = 0
         self._closed = False
 
@@ -121,8 +141,13 @@ class Pool:
             conn = self._take_or_reserve(deadline)
         if conn is None:
             conn = self._open_reserved()
-        conn.checked_out_at = now = time.monotonic()
-        self.stats.checkout_wait(now - start)
+        try:
+            conn.checked_out_at = now = time.monotonic()
+            conn.spoiled = conn.pinned = False
+            self.stats.checkout_wait(now - start)
+        except BaseException:
+            self.checkin(conn, reusable=False, count_held=False)
+            raise
         return conn
 
     def _take_or_reserve(self, deadline: float) -> Optional[ServerConnection]:
@@ -133,7 +158,9 @@ class Pool:
                 if self._closed:
                     raise ConnectionFailure(f"pool for {self.name} is closed")
                 if self._idle:
-                    return self._idle.pop()
+                    conn = self._idle.pop()
+                    self._lent.add(conn)
+                    return conn
                 if self._total < self.max_size:
                     self._total += 1
                     return None
@@ -156,17 +183,19 @@ class Pool:
                 self._total -= 1
                 self._cond.notify()
             raise
+        conn = ServerConnection(sock, generation, self)
+        with self._cond:
+            self._lent.add(conn)
         self.stats.created()
         log.debug("opened a connection to %s", self.name)
-        return ServerConnection(sock, generation)
+        return conn
 
     def checkin(self, conn: ServerConnection, reusable: bool = True,
                 count_held: bool = True) -> None:
         """Give conn back; it is closed if not reusable, stale, or the pool is closed."""
         now = time.monotonic()
-        if count_held:
-            self.stats.held(now - conn.checked_out_at)
         with self._cond:
+            self._lent.discard(conn)
             keep = reusable and not conn.closed and not self._closed \
                 and conn.generation == self.generation
             if keep:
@@ -175,8 +204,12 @@ class Pool:
             else:
                 self._total -= 1
             self._cond.notify()
-        if not keep:
-            self._discard(conn)
+        try:
+            if count_held:
+                self.stats.held(now - conn.checked_out_at)
+        finally:
+            if not keep:
+                self._discard(conn)
 
     def _discard(self, conn: ServerConnection) -> None:
         conn.close()
@@ -229,6 +262,18 @@ class Pool:
                 return False
             self._total += 1
             return True
+
+    def abort(self) -> None:
+        """Close the pool and cut every connection in use, so that a worker blocked on
+        one fails now (the last step of a shutdown whose drain timed out)."""
+        self.close()
+        with self._cond:
+            lent = list(self._lent)
+        for conn in lent:
+            try:
+                conn.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def close(self) -> None:
         with self._cond:

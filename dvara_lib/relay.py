@@ -1,25 +1,30 @@
-"""Relaying one client message through a pooled server connection (runs in a worker).
+"""Relaying client messages through pooled server connections (runs in the workers).
 
 # design:
-# ``Relay.serve(client, frame)`` runs in a ThreadPoolExecutor thread. It answers hello
-# itself, or checks a server connection out of the member's pool, sends the frame as
-# bytes, relays the reply (or the stream of exhaust replies) and checks the connection
-# back in at once. A connection is returned reusable only when nothing of its reply is
-# left unread. A request that expects no reply (OP_MSG moreToCome, legacy writes) pins
-# its server connection to the client until the client's next message, so that a read
+# ``Relay.serve(client, frame)`` runs in a ThreadPoolExecutor thread that owns the
+# client. For each message it answers hello itself, or checks a server connection out
+# of the member's pool, sends the frame as bytes and reads the whole reply, then checks
+# the connection back in before writing the reply to the client: a client that reads
+# slowly costs a worker (for at most --message-timeout) but never a server connection.
+# Only an exhaust stream keeps its connection while its replies are written, as the
+# server sends them on that connection alone. A request that expects no reply pins its
+# server connection to the client until the client's next message, so that a read
 # after a w:0 write sees it, and so that a legacy getLastError reaches the connection
 # of the write it confirms (``dvara_lib.legacy`` keeps the pins and each client's last
-# error). The worker hands the client back to the acceptor at the end.
+# error). Then the worker serves the client's next message itself if it is already
+# buffered, or arrives within the linger time while no other message waits; otherwise
+# it lets the client go (``ClientConn.release``), which needs the acceptor only when
+# there is something for it to do (park a hello, close, drain, throttle).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 from dvara_lib import auth, hello, legacy, wire
-from dvara_lib.client import ClientConn, ParkedHello
+from dvara_lib.client import ClientConn, Fill, ParkedHello, Verdict
 from dvara_lib.errors import (AuthenticationFailure, ConnectionFailure, PoolTimeout,
                               ProtocolError, ServerTimeout)
 
@@ -35,6 +40,7 @@ REWRITTEN_REPLIES = frozenset({"replSetGetStatus", "replSetGetConfig", "serverSt
                                "isdbgrid"})
 #: Commands counted as mutations (with the legacy write opcodes).
 MUTATIONS = frozenset({"insert", "update", "delete", "findAndModify", "findandmodify"})
+_LEGACY_WRITES = frozenset({wire.OP_INSERT, wire.OP_UPDATE, wire.OP_DELETE})
 
 #: Byte strings that only a "not primary" / "node is recovering" / shutdown error reply
 #: holds; small replies are scanned for them (in C) before anything is decoded.
@@ -47,18 +53,26 @@ _SCANNED_REPLY_SIZE = 16 * 1024
 
 #: How long a hello to a member that was never checked may wait for its first check.
 FIRST_CHECK_WAIT = 10.0
+#: How often a worker letting a client go reads what came meanwhile before it asks the
+#: acceptor to take over (a client trickling bytes cannot keep a worker).
+_RELEASE_TRIES = 4
 
 # Error codes drivers understand (see pymongo's retryable codes).
 EXCEEDED_TIME_LIMIT = 262
 HOST_UNREACHABLE = 6
 
-#: What a worker tells the acceptor when it hands a client back.
-RESUME, PARK, CLOSE = "resume", "park", "close"
-Handback = Callable[[ClientConn, str], None]
+#: What handling one message comes to: go on (RESUME), close, or park a hello.
+Outcome = Union[Verdict, ParkedHello]
+Handback = Callable[[ClientConn, Verdict, Optional[ParkedHello]], None]
 
 
 class Relay:
-    """The per-message work of the proxy. One instance, shared by every worker."""
+    """The per-message work of the proxy. One instance, shared by every worker.
+
+    ``others_waiting`` says whether any message waits for a worker (then a worker does
+    not linger on its client); ``acceptor_busy`` whether the acceptor must see every
+    client let go (while it drains).
+    """
 
     def __init__(self, settings: "Settings", topology: "Topology", handback: Handback,
                  on_server_failure: Callable[["Member"], None] = lambda m: None,
@@ -69,58 +83,80 @@ class Relay:
         self.on_server_failure = on_server_failure
         self.on_state_change = on_state_change
         self.legacy = legacy.Legacy(settings.get_last_error_timeout)
-        self.gate = auth.Gate.from_settings(settings)   # issue 7: client logins, or None
+        self.gate = auth.Gate.from_settings(settings)   # client logins, or None
+        self.others_waiting: Callable[[], bool] = lambda: True
+        self.acceptor_busy: Callable[[], bool] = lambda: False
 
-    # -- entry point --------------------------------------------------------------------
+    def apply_settings(self, settings: "Settings") -> None:
+        """Settings a reload changed (SIGHUP)."""
+        self.settings = settings
+        self.legacy.pin_timeout = settings.get_last_error_timeout
+
+    # -- entry points (worker threads) ------------------------------------------------------
     def serve(self, client: ClientConn, frame: bytes) -> None:
-        """Handle one whole message from client, then hand the client back."""
-        verdict = CLOSE
+        """Handle client's message, and its next ones while they come at once; let go."""
+        outcome: Outcome = Verdict.CLOSE
         try:
-            verdict = self._serve(client, frame)
+            while True:
+                outcome = self.serve_one(client, frame)
+                if outcome is not Verdict.RESUME:
+                    break
+                after = self._next_or_release(client)
+                if after is None:
+                    return                  # let go: the acceptor owns the client again
+                if isinstance(after, Verdict):
+                    outcome = after
+                    break
+                frame = after
         except ProtocolError as exc:
             client.member.stats.incr("errors.bad_frame")
             log.warning("client %s sent a bad message (%s); closing it", client, exc)
+            outcome = Verdict.CLOSE
         except Exception:
             client.member.stats.incr("errors.proxy")
             log.exception("unexpected error serving %s; closing it", client)
-        finally:
-            self.handback(client, verdict)
-
-    def _serve(self, client: ClientConn, frame: bytes) -> str:
-        compressor: Optional[int] = None
-        if wire.opcode(frame) == wire.OP_COMPRESSED:
-            frame, compressor = wire.decompress(frame)
-        op = wire.opcode(frame)
-        if op not in wire.KNOWN_REQUEST_OPCODES or op == wire.OP_COMPRESSED:
-            raise ProtocolError(f"unsupported opcode {op}")
-        if op == wire.OP_MSG:
-            frame = wire.check_msg_flags(frame)
-        name = wire.command_name(frame)
-        stats = client.member.stats
-        stats.incr("requests")
-        if op in (wire.OP_INSERT, wire.OP_UPDATE, wire.OP_DELETE) or name in MUTATIONS:
-            stats.incr("requests.mutations")
-        if self.gate is not None:               # issue 7: client authentication (auth.py)
-            allowed = self.gate.check(client, frame, op, name, compressor)
-            if allowed is not None:
-                return RESUME if allowed else CLOSE
-        answered = self.legacy.handle(client, frame, op, name, compressor)
-        if answered is not None:
-            return RESUME if answered else CLOSE
-        if hello.is_hello(name):
-            return self.answer_hello(client, frame, name, compressor)
-        return self._relay(client, frame, name, compressor)
+            outcome = Verdict.CLOSE
+        self._hand_back(client, outcome)
 
     def serve_parked(self, client: ClientConn, parked: ParkedHello) -> None:
         """Answer a parked hello (its member changed or its time is up), then hand back."""
-        verdict = CLOSE
+        outcome: Outcome = Verdict.CLOSE
         try:
-            verdict = self.send_hello(client, parked.frame, parked.request, parked.command,
+            outcome = self.send_hello(client, parked.frame, parked.request, parked.command,
                                       parked.exhaust)
         except Exception:
             log.exception("unexpected error answering a parked hello of %s", client)
-        finally:
-            self.handback(client, verdict)
+        self._hand_back(client, outcome)
+
+    def _hand_back(self, client: ClientConn, outcome: Outcome) -> None:
+        if isinstance(outcome, ParkedHello):
+            self.handback(client, Verdict.PARK, outcome)
+        else:
+            self.handback(client, outcome, None)
+
+    def _next_or_release(self, client: ClientConn) -> Union[bytes, Verdict, None]:
+        """The client's next message to serve now; None once the client is let go; or
+        the Verdict to hand it back with. Can raise ProtocolError."""
+        frame = client.next_frame()
+        if frame is None and self._may_linger(client):
+            frame = client.wait_message()
+        for _ in range(_RELEASE_TRIES):
+            if frame is not None:
+                return frame
+            if client.closing:
+                return Verdict.CLOSE
+            if self.acceptor_busy() or (client.io.budget.spent and client.mid_message()):
+                return Verdict.RESUME       # the acceptor decides (drain, throttle)
+            if client.release():
+                return None
+            if client.fill() is Fill.CLOSED:   # it became readable while we owned it
+                client.closing = True          # done sending: serve what it sent, then close
+            frame = client.next_frame()
+        return frame if frame is not None else Verdict.RESUME
+
+    def _may_linger(self, client: ClientConn) -> bool:
+        return client.io.linger > 0 and client.reader is None and not client.closing \
+            and not client.mid_message() and not self.others_waiting()
 
     def parked_now(self, frame: bytes, command: str, exhaust: bool) -> ParkedHello:
         """A parked hello (moved from the process this one replaced) due at once."""
@@ -130,9 +166,38 @@ class Relay:
         """Give a pinned server connection back to its pool (no blocking I/O)."""
         self.legacy.release_pin(client, reusable)
 
+    # -- one message: auth gate, legacy, hello, relay --------------------------------------
+    def serve_one(self, client: ClientConn, frame: bytes) -> Outcome:
+        """Handle one whole message from client. Can raise ProtocolError."""
+        compressor: Optional[int] = None
+        stats = client.member.stats
+        stats.incr("requests")
+        stats.incr("bytes.in", len(frame))
+        op = wire.opcode(frame)
+        if op == wire.OP_COMPRESSED:
+            frame, compressor = wire.decompress(frame)
+            op = wire.opcode(frame)
+        if op not in wire.KNOWN_REQUEST_OPCODES or op == wire.OP_COMPRESSED:
+            raise ProtocolError(f"unsupported opcode {op}")
+        if op == wire.OP_MSG:
+            frame = wire.check_msg_flags(frame)
+        name = wire.command_name(frame)
+        if op in _LEGACY_WRITES or name in MUTATIONS:
+            stats.incr("requests.mutations")
+        if self.gate is not None:
+            answered = self.gate.check(client, frame, op, name, compressor)
+            if answered is not None:
+                return answered
+        answered = self.legacy.handle(client, frame, op, name, compressor)
+        if answered is not None:
+            return answered
+        if hello.is_hello(name):
+            return self.answer_hello(client, frame, name, compressor)
+        return self._relay(client, frame, name, compressor)
+
     # -- hello ----------------------------------------------------------------------------
     def answer_hello(self, client: ClientConn, frame: bytes, name: str,
-                     compressor: Optional[int]) -> str:
+                     compressor: Optional[int]) -> Outcome:
         """Answer a hello/isMaster from the member's latest state, or park it."""
         request = _request_doc(frame)
         member = client.member
@@ -146,39 +211,36 @@ class Relay:
             wire.msg_flags(frame) & wire.EXHAUST_ALLOWED)
         if wait > 0:
             counter = -1 if member.suspect else member.counter
-            client.parked = ParkedHello(frame, request, name, time.monotonic() + wait,
-                                        exhaust, counter)
-            return PARK
+            return ParkedHello(frame, request, name, time.monotonic() + wait, exhaust, counter)
         return self.send_hello(client, frame, request, name, exhaust)
 
     def send_hello(self, client: ClientConn, frame: bytes, request: dict[str, Any],
-                   name: str, exhaust: bool) -> str:
+                   name: str, exhaust: bool) -> Outcome:
         """Write the hello answer; with exhaustAllowed, keep streaming (park again)."""
         member = client.member
         doc = hello.build_answer(self.topology, member, name, request, client.id,
                                  client.compressors)
         if doc is None:
             log.info("no hello yet from %s; closing %s", member.real, client)
-            return CLOSE
+            return Verdict.CLOSE
         member.stats.incr("hello.answered")
-        if self.gate is not None:               # issue 7: saslSupportedMechs, speculative login
+        if self.gate is not None:               # saslSupportedMechs, speculative login
             self.gate.on_hello(client, request, doc)
-        if exhaust:
-            reply = wire.reply_like(frame, doc, flags=wire.MORE_TO_COME)
-            if not client.send(reply):
-                return CLOSE
-            wait = hello.max_await_seconds(request)
-            wait = 10.0 if wait is None else wait
-            # The next reply of the stream answers this one (OP_MSG exhaust rule).
-            next_frame = wire.with_request_id(frame, wire.request_id(reply))
-            client.parked = ParkedHello(next_frame, request, name, time.monotonic() + wait,
-                                        True, member.counter)
-            return PARK
-        return RESUME if client.send(wire.reply_like(frame, doc)) else CLOSE
+        if not exhaust:
+            return _sent(client.send(wire.reply_like(frame, doc)))
+        reply = wire.reply_like(frame, doc, flags=wire.MORE_TO_COME)
+        if not client.send(reply):
+            return Verdict.CLOSE
+        wait = hello.max_await_seconds(request)
+        # The next reply of the stream answers this one (OP_MSG exhaust rule).
+        next_frame = wire.with_request_id(frame, wire.request_id(reply))
+        return ParkedHello(next_frame, request, name,
+                           time.monotonic() + (10.0 if wait is None else wait), True,
+                           member.counter)
 
     # -- relaying -------------------------------------------------------------------------
     def _relay(self, client: ClientConn, frame: bytes, name: Optional[str],
-               compressor: Optional[int]) -> str:
+               compressor: Optional[int]) -> Outcome:
         member = client.member
         start = time.monotonic()
         conn = self.legacy.take_pin(client)
@@ -186,17 +248,24 @@ class Relay:
         if conn is None:
             conn = self._checkout(client, frame)
             if conn is None:
-                return RESUME if wire.expects_reply(frame) else CLOSE
-        try:
-            conn.send(frame)
-        except ConnectionFailure as exc:
-            self._server_failed(member, conn, exc)
-            return CLOSE
-        if not wire.expects_reply(frame):
-            self.legacy.pin(client, conn, new=not was_pinned)
-            return RESUME
-        member.stats.incr("requests.with_reply")
-        verdict = self._relay_replies(client, conn, frame, name, compressor)
+                return Verdict.RESUME if wire.expects_reply(frame) else Verdict.CLOSE
+        with conn:
+            if not self._send(member, conn, frame):
+                return Verdict.CLOSE
+            if not wire.expects_reply(frame):
+                self.legacy.pin(client, conn, new=not was_pinned)
+                return Verdict.RESUME
+            member.stats.incr("requests.with_reply")
+            reply = self._read_reply(member, conn, frame)
+            if reply is None:
+                return Verdict.CLOSE
+            if wire.more_to_come(reply) or (legacy.exhaust_query(frame)
+                                            and legacy.cursor_open(reply)):
+                return self._stream(client, conn, frame, reply, name, compressor, start)
+            if client.last_error is not None:
+                self.legacy.after_reply(client, conn, reply)
+        # The connection is back in the pool (or pinned): now the client may be slow.
+        verdict = _sent(client.send(self._client_reply(reply, name, compressor)))
         member.stats.observe("latency", time.monotonic() - start)
         return verdict
 
@@ -213,7 +282,7 @@ class Relay:
                              f"dvara: {exc}")
         except ConnectionFailure as exc:
             member.stats.incr("errors.proxy")
-            # issue 7: a refused login is no dead member; auth.py logs it, spaced out
+            # A refused login is no dead member; auth.py logs it, spaced out.
             login = isinstance(exc, AuthenticationFailure)
             (log.debug if login else log.warning)("cannot connect to %s: %s", member.real, exc)
             if not login:
@@ -223,40 +292,57 @@ class Relay:
                              + (" (dvara cannot log in to it)" if login else ""))
         return None
 
-    def _relay_replies(self, client: ClientConn, conn: "ServerConnection", frame: bytes,
-                       name: Optional[str], compressor: Optional[int]) -> str:
-        """Relay the reply, or every reply of an exhaust stream; check conn back in."""
-        member = client.member
-        clean = False
-        exhaust = legacy.exhaust_query(frame)
+    def _send(self, member: "Member", conn: "ServerConnection", frame: bytes) -> bool:
+        try:
+            conn.send(frame)
+            return True
+        except ConnectionFailure as exc:
+            conn.spoil()
+            self._server_failed(member, exc)
+            return False
+
+    def _read_reply(self, member: "Member", conn: "ServerConnection",
+                    frame: bytes) -> Optional[bytes]:
+        """The server's whole reply to frame, or None (conn spoiled) if it failed."""
         try:
             reply = conn.read_frame()
             if wire.response_to(reply) != wire.request_id(frame):
                 raise ProtocolError(f"server reply answers {wire.response_to(reply)}, "
                                     f"not {wire.request_id(frame)}")
-            if len(reply) < _SCANNED_REPLY_SIZE and any(m in reply for m in STATE_CHANGE_MARKERS):
-                self._check_state_change(member, reply)
-            while True:
-                streaming = wire.more_to_come(reply) or (exhaust and legacy.cursor_open(reply))
-                if streaming:
-                    member.stats.incr("replies.streamed")
-                out = self._client_reply(reply, name, compressor)
-                if not client.send(out):
-                    clean = not streaming
-                    return CLOSE
-                if not streaming:
-                    clean = True
-                    if client.last_error is not None:
-                        conn = self.legacy.after_reply(client, conn, reply)
-                    return RESUME
-                reply = conn.read_frame()
         except (ConnectionFailure, ProtocolError) as exc:
-            self._server_failed(member, conn, exc)
-            conn = None
-            return CLOSE
-        finally:
-            if conn is not None:
-                member.pool.checkin(conn, clean)
+            conn.spoil()
+            self._server_failed(member, exc)
+            return None
+        if len(reply) < _SCANNED_REPLY_SIZE and any(m in reply for m in STATE_CHANGE_MARKERS):
+            self._check_state_change(member, reply)
+        return reply
+
+    def _stream(self, client: ClientConn, conn: "ServerConnection", frame: bytes,
+                reply: bytes, name: Optional[str], compressor: Optional[int],
+                start: float) -> Verdict:
+        """Relay every reply of an exhaust stream; conn is the stream's until its end."""
+        member = client.member
+        exhaust = legacy.exhaust_query(frame)
+        while True:
+            streaming = wire.more_to_come(reply) or (exhaust and legacy.cursor_open(reply))
+            if streaming:
+                member.stats.incr("replies.streamed")
+            if not client.send(self._client_reply(reply, name, compressor)):
+                if streaming:
+                    conn.spoil()            # the rest of the stream is still coming
+                return Verdict.CLOSE
+            if not streaming:
+                break
+            try:
+                reply = conn.read_frame()
+            except (ConnectionFailure, ProtocolError) as exc:
+                conn.spoil()
+                self._server_failed(member, exc)
+                return Verdict.CLOSE
+        if client.last_error is not None:
+            self.legacy.after_reply(client, conn, reply)
+        member.stats.observe("latency", time.monotonic() - start)
+        return Verdict.RESUME
 
     def _check_state_change(self, member: "Member", reply: bytes) -> None:
         """A "not primary", "node is recovering" or shutdown error: have discovery look now."""
@@ -286,14 +372,12 @@ class Relay:
             return wire.op_msg(doc, resp_to=wire.response_to(reply), flags=flags,
                                req_id=wire.request_id(reply))
         flags, cursor_id, starting, docs = wire.decode_reply(reply)
-        out = wire.op_reply([self.topology.rewrite_addresses(d) for d in docs],
-                            wire.response_to(reply), flags, cursor_id, starting)
-        return out
+        return wire.op_reply([self.topology.rewrite_addresses(d) for d in docs],
+                             wire.response_to(reply), flags, cursor_id, starting)
 
-    def _server_failed(self, member: "Member", conn: "ServerConnection",
-                       exc: Exception) -> None:
-        """Close a failed server connection; a network error also retires its pool."""
-        member.pool.checkin(conn, reusable=False)
+    def _server_failed(self, member: "Member", exc: Exception) -> None:
+        """A server connection failed (the caller spoiled it); a network error also
+        retires the member's pool and has discovery look at it."""
         if isinstance(exc, ServerTimeout):
             member.stats.incr("errors.timeout")
             log.warning("%s did not answer within %.1fs; closing the client",
@@ -320,6 +404,10 @@ class Relay:
                                       flags=wire.REPLY_QUERY_FAILURE))
         else:
             client.send(wire.reply_like(frame, doc))
+
+
+def _sent(ok: bool) -> Verdict:
+    return Verdict.RESUME if ok else Verdict.CLOSE
 
 
 def _request_doc(frame: bytes) -> dict[str, Any]:

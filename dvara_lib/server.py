@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import concurrent.futures
 import logging
 import os
 import queue
@@ -24,10 +23,10 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from dvara_lib import __version__, auth, handoff, lifecycle, tls, wire
 from dvara_lib.acceptor import Acceptor
-from dvara_lib.client import TEE
+from dvara_lib.client import Budget, ClientIO, Tee
 from dvara_lib.config import check_port_range
-from dvara_lib.discovery import (DiscoveryThread, connect, discover, hello_request,
-                                 run_hello, start_thread_pool)
+from dvara_lib.discovery import DiscoveryThread, connect, discover, hello_request, run_hello
+from dvara_lib.dispatch import Dispatcher
 from dvara_lib.membership import PortBook, wanted_members
 from dvara_lib.errors import ConfigError, ConnectionFailure, ProtocolError
 from dvara_lib.metrics import MemberMetrics, Metrics
@@ -43,6 +42,12 @@ log = logging.getLogger("dvara.server")
 
 _DISCOVERY_TIMEOUT = 10.0
 _HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2)
+#: How often the main thread checks that the threads it supervises are alive.
+_SUPERVISE_INTERVAL = 0.5
+#: Exit status when a thread the process cannot serve without has died.
+EXIT_THREAD_DIED = 70
+#: How long the drain may take when a thread died (clients are served no more anyway).
+_DEAD_THREAD_DRAIN = 5.0
 
 
 class _PoolMetrics(PoolStats):
@@ -81,7 +86,8 @@ class Server:
         self.acceptor: Optional[Acceptor] = None
         self.discovery: Optional[DiscoveryThread] = None
         self.ports: Optional[PortBook] = None
-        self.executor: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        self.dispatcher: Optional[Dispatcher] = None
+        self.io: Optional[ClientIO] = None
         self.started = time.time()
         self._signals: queue.SimpleQueue[int] = queue.SimpleQueue()
         self._services: list[Any] = []
@@ -99,22 +105,17 @@ class Server:
         """
         s = self.settings
         _raise_fd_limit()
-        TEE.open(s.tee_file)
-        tls.configure(s)                        # issue 7: TLS and login on server connections
+        tls.configure(s)                        # TLS and login on server connections
         auth.configure_backend(s)
         found = discover(list(s.addrs), timeout=min(_DISCOVERY_TIMEOUT, s.message_timeout))
         self.ports = PortBook(s.port_start, s.port_end, s.member_map, s.state_file)
         check_port_range(s, len([m for m in found.members if m not in self.ports.pinned]))
         self.topology = Topology(found.set_name)
-        self.executor = start_thread_pool(s.workers, "dvara-worker")
         self.discovery = DiscoveryThread(
             self.topology, s.discovery_interval, _check_timeout(s.discovery_interval), __version__,
             reconcile=self.reconcile if found.set_name else None,
             monitor_threads=min(8, len(self.ports.ports) + len(s.member_map)), seeds=s.addrs)
-        self.relay = Relay(s, self.topology, self._handback,
-                           on_server_failure=lambda m: self.discovery.wake(),
-                           on_state_change=self._state_changed)
-        self.acceptor = Acceptor(s, self.executor, self.relay)
+        self._start_data_plane()
         self.topology.on_change(self.acceptor.topology_changed)
         self.topology.on_change(lambda m: m.stats.incr("topology.changes"))
         for real in found.members + self._mapped_extras(found.members):
@@ -134,15 +135,30 @@ class Server:
         name = self.topology.set_name
         return f"mongodb://{hosts}/?" + (f"replicaSet={name}" if name else "directConnection=true")
 
+    def _start_data_plane(self) -> None:
+        """The relay, the workers and the acceptor (not started yet)."""
+        s = self.settings
+        tee = Tee(s.tee_file) if s.tee_file else None
+        self.io = ClientIO(Budget(s.max_buffered_bytes), s.message_timeout, s.worker_linger, tee)
+        self.relay = Relay(s, self.topology, self._handback,
+                           on_server_failure=lambda m: self.discovery.wake(m),
+                           on_state_change=self._state_changed)
+        # As many pinned workers as one member's pins can need (each holds a connection).
+        self.dispatcher = Dispatcher(s.workers, max(2, min(s.workers, s.max_connections)),
+                                     self.relay.serve, self.relay.serve_parked)
+        self.acceptor = Acceptor(s, self.dispatcher, self.relay, self.io)
+        self.relay.others_waiting = self.dispatcher.waiting
+        self.relay.acceptor_busy = lambda: self.acceptor.draining
+
     def _state_changed(self, member: Member, shutting_down: bool) -> None:
         """A relayed reply said member is no longer what clients think (SDAM error)."""
         self.topology.suspect(member)
         if shutting_down:
             member.pool.clear()
-        self.discovery.wake()
+        self.discovery.wake(member)
 
-    def _handback(self, client: Any, verdict: str) -> None:
-        self.acceptor.handback(client, verdict)
+    def _handback(self, client: Any, verdict: Any, parked: Any) -> None:
+        self.acceptor.handback(client, verdict, parked)
 
     def _mapped_extras(self, members: list[str]) -> list[str]:
         """--member-map members the seeds did not list (hidden ones, say)."""
@@ -241,11 +257,18 @@ class Server:
                 self.pidfile.release()
 
     def _serve_signals(self) -> int:
+        """Act on signals and watch the threads; returns the exit status."""
         while True:
             try:
-                signum = self._signals.get(timeout=1.0)
+                signum = self._signals.get(timeout=_SUPERVISE_INTERVAL)
             except queue.Empty:
-                continue
+                dead = self._dead_thread()
+                if dead is None:
+                    continue
+                log.critical("the %s thread died (see above); stopping so that cron or "
+                             "systemd starts dvara again", dead)
+                self.stop(min(self.settings.graceful_timeout, _DEAD_THREAD_DRAIN))
+                return EXIT_THREAD_DIED
             if signum == signal.SIGHUP:
                 lifecycle.reload(self)
             elif signum == signal.SIGUSR2:
@@ -257,6 +280,15 @@ class Server:
                 fast = signum == signal.SIGINT
                 self.stop(self.settings.graceful_timeout / (4 if fast else 1))
                 return 0
+
+    def _dead_thread(self) -> Optional[str]:
+        """The name of a thread dvara cannot serve without that is no longer alive."""
+        threads = [self.acceptor, self.discovery] + [
+            s for s in self._services if isinstance(s, threading.Thread)]
+        for thread in threads:
+            if thread is not None and not thread.is_alive():
+                return thread.name
+        return None
 
     def _take_over_clients(self) -> None:
         """If we replace an older dvara, adopt the idle clients it hands over."""
@@ -278,38 +310,74 @@ class Server:
         threading.Thread(target=run, name="dvara-handoff", daemon=True).start()
 
     def apply_settings(self, settings: "Settings") -> None:
-        """Use new settings for everything that can change while running (SIGHUP)."""
-        old, self.settings = self.settings, settings
-        self.relay.settings = self.acceptor.settings = settings
+        """Use new settings for everything that can change while running (SIGHUP).
+
+        Can raise ConfigError or OSError (the new metrics services could not start): then
+        nothing changed.
+        """
+        old = self.settings
+        if lifecycle.settings_changed_for_metrics(old, settings):
+            self._restart_services(old, settings)
+        self.settings = settings
+        self.relay.apply_settings(settings)
+        self.acceptor.settings = settings
+        self.io.write_timeout = settings.message_timeout
+        self.io.linger = settings.worker_linger
+        self.io.budget.limit = settings.max_buffered_bytes
         logging.getLogger("dvara").setLevel(settings.log_level.upper())
         self.discovery.interval = settings.discovery_interval
         for member in self.topology.members():
             member.pool.resize(settings.max_connections, settings.min_idle_connections,
                                settings.server_idle_timeout)
-        if lifecycle.settings_changed_for_metrics(old, settings):
-            for service in self._services:
+            if settings.message_timeout != old.message_timeout:
+                member.pool.clear()     # new connections take the new time-out
+
+    def _restart_services(self, old: "Settings", new: "Settings") -> None:
+        """Start the metrics services of new settings, then stop the old ones; if the new
+        ones cannot start, the old ones keep running (and this raises)."""
+        from dvara_lib.admin import AdminServer
+        from dvara_lib.services import start_services
+        keep_admin = old.admin_addr == new.admin_addr
+        kept = [svc for svc in self._services if keep_admin and isinstance(svc, AdminServer)]
+        started = start_services(new, self.metrics, self.status, skip_admin=keep_admin)
+        for service in self._services:
+            if service not in kept:
                 service.close()
-            self._start_services()
+        self._services = kept + started
 
     def stop(self, timeout: float = 5.0, sender: Optional[handoff.Sender] = None) -> None:
         """Stop accepting; between two messages close every client (or hand it to the new
-        process); wait up to timeout for messages in flight, then close everything."""
-        if self.acceptor is not None and self.acceptor.is_alive():
-            self.acceptor.drain(sender)
-            if not self.acceptor.drained.wait(timeout):
+        process); wait up to timeout for messages in flight, then cut what is left. The
+        workers are stopped before the acceptor closes its descriptors."""
+        acceptor = self.acceptor
+        if acceptor is not None and acceptor.is_alive():
+            acceptor.drain(sender)
+            if not acceptor.drained.wait(timeout):
                 log.warning("%d client(s) still busy or pinned after %.1fs; closing them",
-                            self.acceptor.counts()["clients"], timeout)
-            self.acceptor.stop()
-            self.acceptor.join(timeout)
+                            acceptor.counts()["clients"], timeout)
         if self.discovery is not None:
             self.discovery.close()
         for service in self._services:
             service.close()
-        if self.executor is not None:
-            self.executor.shutdown(wait=False, cancel_futures=True)
+        self._stop_workers()
+        if acceptor is not None and acceptor.is_alive():
+            acceptor.stop()
+            acceptor.join(timeout)
         for member in self.topology.members() if self.topology else []:
             member.pool.close()
+        if self.io is not None and self.io.tee is not None:
+            self.io.tee.close()
         log.info("dvara stopped")
+
+    def _stop_workers(self) -> None:
+        """Cut what the workers still wait on, then stop them (bounded)."""
+        if self.dispatcher is None:
+            return
+        if self.acceptor is not None:
+            self.acceptor.abort_busy()
+        for member in self.topology.members() if self.topology else []:
+            member.pool.abort()
+        self.dispatcher.shutdown(wait_seconds=_DEAD_THREAD_DRAIN)
 
     # -- status -----------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:

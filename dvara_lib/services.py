@@ -24,19 +24,29 @@ _SECRET_WORDS = ("password", "secret", "key")
 
 
 def start_services(settings: "Settings", metrics: Metrics,
-                   status_fn: Callable[[], dict[str, Any]]) -> list[Any]:
-    """Start what the settings ask for; each returned object has close()."""
+                   status_fn: Callable[[], dict[str, Any]],
+                   skip_admin: bool = False) -> list[Any]:
+    """Start what the settings ask for; each returned object has close().
+
+    Can raise ConfigError or OSError (e.g. the admin address is taken); then whatever
+    this call started is closed again.
+    """
     services: list[Any] = []
-    sinks = open_sinks({"ganglia": [format_address(*a) for a in settings.ganglia]},
-                       settings.metrics_interval)
-    if sinks:
-        emitter = MetricsEmitter(metrics, sinks, settings.metrics_interval)
-        emitter.start()
-        services.append(emitter)
-    if settings.admin_addr is not None:
-        admin = AdminServer(settings.admin_addr, metrics, status_fn)
-        admin.open()
-        services.append(admin)
+    try:
+        sinks = open_sinks({"ganglia": [format_address(*a) for a in settings.ganglia]},
+                           settings.metrics_interval)
+        if sinks:
+            emitter = MetricsEmitter(metrics, sinks, settings.metrics_interval)
+            emitter.start()
+            services.append(emitter)
+        if settings.admin_addr is not None and not skip_admin:
+            admin = AdminServer(settings.admin_addr, metrics, status_fn)
+            admin.open()
+            services.append(admin)
+    except BaseException:
+        for service in services:
+            service.close()
+        raise
     return services
 
 

@@ -23,6 +23,7 @@ import ssl
 import time
 from typing import TYPE_CHECKING, Optional
 
+from dvara_lib.client import Fill
 from dvara_lib.errors import ConfigError, ConnectionFailure
 
 if TYPE_CHECKING:
@@ -36,7 +37,6 @@ TLS_MODES = (DISABLED, ALLOW, REQUIRE)
 #: The first byte of a TLS record carrying a handshake (a ClientHello).
 TLS_HANDSHAKE_BYTE = 0x16
 _READ_CHUNK = 256 * 1024
-_FAIR_SHARE = 1024 * 1024      # read at most about this much per readable event
 _WAITING = (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError, InterruptedError)
 
 
@@ -153,54 +153,51 @@ class ClientTLS:
         """True while client has not finished (or started) its handshake."""
         return client.reader in (self._peek, self._start, self._handshake)
 
-    def _peek(self, client: "ClientConn") -> bool:
+    def _peek(self, client: "ClientConn", limit: int) -> Fill:
         """--tls-mode allow: TLS if the first byte opens a handshake, plain otherwise."""
         sock = client.sock
-        timeout = sock.gettimeout()
         sock.settimeout(0.0)
         try:
             first = sock.recv(1, socket.MSG_PEEK)
         except _WAITING:
-            return True
+            return Fill.DRAINED
         except OSError:
-            return False
+            return Fill.CLOSED
         finally:
-            sock.settimeout(timeout)
+            sock.settimeout(None)
         if not first:
-            return False
+            return Fill.CLOSED
         if first[0] == TLS_HANDSHAKE_BYTE:
-            return self._start(client)
+            return self._start(client, limit)
         client.reader = None
-        return client.fill()
+        return client.fill(limit)
 
-    def _start(self, client: "ClientConn") -> bool:
-        timeout = client.sock.gettimeout()
+    def _start(self, client: "ClientConn", limit: int) -> Fill:
         try:
             client.sock = self.context.wrap_socket(client.sock, server_side=True,
                                                    do_handshake_on_connect=False)
         except (ssl.SSLError, OSError) as exc:
             self._failed(client, exc)
-            return False
-        client.sock.settimeout(timeout)
+            return Fill.CLOSED
+        client.sock.settimeout(None)
         client.reader = self._handshake
-        return self._handshake(client)
+        return self._handshake(client, limit)
 
-    def _handshake(self, client: "ClientConn") -> bool:
+    def _handshake(self, client: "ClientConn", limit: int) -> Fill:
         sock = client.sock
-        timeout = sock.gettimeout()
         sock.settimeout(0.0)
         try:
             sock.do_handshake()
         except _WAITING:
-            return True
+            return Fill.DRAINED
         except (ssl.SSLError, ssl.CertificateError, OSError) as exc:
             self._failed(client, exc)
-            return False
+            return Fill.CLOSED
         finally:
-            sock.settimeout(timeout)
+            sock.settimeout(None)
         client.reader = read
         log.debug("%s: TLS %s %s", client, sock.version(), (sock.cipher() or ("?",))[0])
-        return read(client)           # the client may have sent its first message already
+        return read(client, limit)    # the client may have sent its first message already
 
     def _failed(self, client: "ClientConn", exc: BaseException) -> None:
         reason = getattr(exc, "reason", None) or exc
@@ -208,13 +205,9 @@ class ClientTLS:
                            "failed: %s", client.peer_ip, client.member.proxy, reason)
 
 
-def read(client: "ClientConn") -> bool:
-    """Read what a TLS client sent (non-blocking), draining OpenSSL's decrypted bytes.
-
-    False on EOF or a read error.
-    """
+def read(client: "ClientConn", limit: int) -> Fill:
+    """Read what a TLS client sent (non-blocking), draining OpenSSL's decrypted bytes."""
     sock = client.sock
-    timeout = sock.gettimeout()
     sock.settimeout(0.0)
     got = 0
     try:
@@ -222,16 +215,15 @@ def read(client: "ClientConn") -> bool:
             try:
                 data = sock.recv(_READ_CHUNK)
             except _WAITING:
-                return True
+                return Fill.DRAINED
             except (ssl.SSLError, OSError) as exc:
                 log.debug("client %s: TLS read failed: %s", client.peer, exc)
-                return False
+                return Fill.CLOSED
             if not data:
-                return False
-            client.buf += data
-            client.last_active = time.monotonic()
+                return Fill.CLOSED
+            client.took(data)
             got += len(data)
-            if got >= _FAIR_SHARE and not sock.pending():
-                return True       # the rest is in the kernel: select() will say so
+            if got >= limit and not sock.pending():
+                return Fill.MORE      # the rest is in the kernel: read it later
     finally:
-        sock.settimeout(timeout)
+        sock.settimeout(None)

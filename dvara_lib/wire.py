@@ -119,11 +119,19 @@ def set_io_timeout(sock: socket.socket, seconds: float) -> None:
     if isinstance(sock, ssl.SSLSocket):
         sock.settimeout(seconds)
         return
-    whole = int(seconds)
-    timeval = struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
     sock.settimeout(None)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(seconds))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(seconds))
+
+
+def set_recv_timeout(sock: socket.socket, seconds: float) -> None:
+    """Bound each blocking read of a plain socket by seconds (SO_RCVTIMEO)."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(seconds))
+
+
+def _timeval(seconds: float) -> bytes:
+    whole = int(seconds)
+    return struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
 
 
 def _recv_into(sock: socket.socket, view: memoryview) -> None:

@@ -34,12 +34,12 @@ from bson.int64 import Int64
 from bson.timestamp import Timestamp
 
 from dvara_lib import wire
-from dvara_lib.client import ClientConn
+from dvara_lib.client import Budget, ClientConn, ClientIO, Fill, ParkedHello, Verdict
 from dvara_lib.config import parse_args
 from dvara_lib.errors import ConnectionFailure, ProtocolError
 from dvara_lib.metrics import Metrics
 from dvara_lib.pool import Pool
-from dvara_lib.relay import CLOSE, PARK, RESUME, Relay
+from dvara_lib.relay import Relay
 from dvara_lib.topology import Member, Topology
 
 MODERN, LEGACY = "10.0.0.1:27017", "10.0.0.2:27017"
@@ -367,7 +367,8 @@ class RelayHarness:
         for member, version in zip(self.members, (17, 0)):
             self.topology.update(member, _hello_doc(member.real, version))
         self.mutator = Mutator(self.topology.process_id, self.members[0].counter)
-        self._verdicts: list[str] = []
+        self._verdicts: list[tuple[Verdict, Optional[ParkedHello]]] = []
+        self.io = ClientIO(Budget(1 << 30), MESSAGE_TIMEOUT)
         self.relay = Relay(self.settings, self.topology, self._handback,
                            on_server_failure=lambda m: None,
                            on_state_change=lambda m, s: None)
@@ -379,19 +380,19 @@ class RelayHarness:
         self._peers: dict[ClientConn, socket.socket] = {}
         self.inputs = 0
         self.frames = 0
-        self.verdicts = {RESUME: 0, PARK: 0, CLOSE: 0}
+        self.verdicts = {Verdict.RESUME: 0, Verdict.PARK: 0, Verdict.CLOSE: 0}
         self.reader_errors = 0
         self.baseline_fds = _open_fds()
 
-    def _handback(self, client: ClientConn, verdict: str) -> None:
-        self._verdicts.append(verdict)
+    def _handback(self, client: ClientConn, verdict: Verdict,
+                  parked: Optional[ParkedHello]) -> None:
+        self._verdicts.append((verdict, parked))
 
     # -- clients ------------------------------------------------------------------------
     def new_client(self, member: Optional[Member] = None) -> ClientConn:
         ours, theirs = socket.socketpair()
         theirs.settimeout(MESSAGE_TIMEOUT)
-        client = ClientConn(ours, ("127.0.0.1", 50000), member or self.members[0],
-                            MESSAGE_TIMEOUT)
+        client = ClientConn(ours, ("127.0.0.1", 50000), member or self.members[0], self.io)
         self._peers[client] = theirs
         return client
 
@@ -427,7 +428,7 @@ class RelayHarness:
                 if received >= sent:
                     break
                 before = len(client.buf)
-                if not client.fill():
+                if client.fill() is Fill.CLOSED:
                     raise FuzzFailure(f"fill() saw EOF on an open socket; input {data!r}")
                 received += len(client.buf) - before
             else:
@@ -444,44 +445,55 @@ class RelayHarness:
                 got.append(frame)
                 _expect_frame(expected, got, data)
                 check_decoders(frame)
-                if self.serve(client, frame) == CLOSE:
+                if self.serve(client, frame) is Verdict.CLOSE:
                     return
         stopped = expected.error_at is not None and expected.error_at + 4 <= len(data)
         if len(got) != len(expected.frames) or stopped:
             raise FuzzFailure(f"reader gave {len(got)} frames, expected {expected}; {data!r}")
 
-    def serve(self, client: ClientConn, frame: bytes) -> str:
+    def serve(self, client: ClientConn, frame: bytes) -> Verdict:
         """Relay.serve as the acceptor runs it, plus the checks. Returns the verdict."""
         self.frames += 1
         start = time.monotonic()
         self._verdicts.clear()
+        rest = bytes(client.buf)    # served one by one here, not by the relay's own loop
+        client.buf.clear()
+        client.take()
         self.relay.serve(client, frame)
-        verdict = self._one_verdict(frame)
+        client.buf[:0] = rest
+        verdict, parked = self._one_verdict(client, frame)
         answered = {wire.request_id(frame)}
         for _ in range(3):                      # parked hellos: answer as the acceptor would
-            if verdict != PARK:
+            if verdict is not Verdict.PARK:
                 break
-            parked, client.parked = client.parked, None
             if parked is None or not math.isfinite(parked.deadline):
                 raise FuzzFailure(f"PARK without a parked hello due at a finite time "
                                   f"({parked and parked.deadline}); frame {frame!r}")
             answered.add(wire.request_id(parked.frame))
+            client.take()
             self.relay.serve_parked(client, parked)
-            verdict = self._one_verdict(frame)
-        client.parked = None
+            verdict, parked = self._one_verdict(client, frame)
+        client.busy = False
         took = time.monotonic() - start
         self.verdicts[verdict] += 1
         if took > SERVE_LIMIT:
             raise FuzzFailure(f"serve took {took:.2f}s; frame {frame!r}")
         self._check_replies(client, frame, answered)
         self._check_log(frame)
-        if verdict == CLOSE:
+        if verdict is Verdict.CLOSE:
             self.close_client(client)
         return verdict
 
-    def _one_verdict(self, frame: bytes) -> str:
-        if len(self._verdicts) != 1 or self._verdicts[0] not in self.verdicts:
-            raise FuzzFailure(f"handback called {self._verdicts}; frame {frame!r}")
+    def _one_verdict(self, client: ClientConn,
+                     frame: bytes) -> tuple[Verdict, Optional[ParkedHello]]:
+        """The verdict of one serve: handed back once, or let go (RESUME) with none."""
+        if not self._verdicts:
+            if client.busy:
+                raise FuzzFailure(f"serve neither handed back nor let go; frame {frame!r}")
+            return Verdict.RESUME, None
+        if len(self._verdicts) != 1 or client.busy is not True:
+            raise FuzzFailure(f"handback called {self._verdicts} (busy {client.busy}); "
+                              f"frame {frame!r}")
         return self._verdicts.pop()
 
     def _check_replies(self, client: ClientConn, frame: bytes, answered: set[int]) -> None:
@@ -526,7 +538,7 @@ class RelayHarness:
             if member.max_wire_version >= 6:
                 frames.append(wire.op_msg({"ping": 1, "$db": "admin"}))
             for frame in frames:
-                if self.serve(client, frame) != RESUME:
+                if self.serve(client, frame) is not Verdict.RESUME:
                     raise FuzzFailure(f"a well-behaved client was closed ({frame!r})")
             self.close_client(client)
         self.check_settled()

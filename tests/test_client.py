@@ -10,7 +10,7 @@ from typing import Iterator
 import pytest
 
 from dvara_lib import wire
-from dvara_lib.client import ClientConn
+from dvara_lib.client import Budget, ClientConn, ClientIO, Fill
 from dvara_lib.errors import ProtocolError
 from dvara_lib.metrics import Metrics
 
@@ -22,7 +22,7 @@ MEMBER = types.SimpleNamespace(proxy="127.0.0.1:40001", real="db1.example:27017"
 def pair() -> Iterator[tuple[ClientConn, socket.socket]]:
     """(a ClientConn, the peer socket playing the driver)."""
     ours, theirs = socket.socketpair()
-    client = ClientConn(ours, ("127.0.0.1", 50000), MEMBER, message_timeout=0.05)
+    client = ClientConn(ours, ("127.0.0.1", 50000), MEMBER, ClientIO(Budget(1 << 30), 0.05))
     yield client, theirs
     client.close()
     theirs.close()
@@ -39,11 +39,11 @@ def test_a_frame_delivered_in_pieces(pair):
     for cut in (2, 4, 15, 16, 30, len(frame) - 1):
         assert client.next_frame() is None
         peer.sendall(frame[len(client.buf):cut])
-        assert client.fill() is True
+        assert client.fill() is Fill.DRAINED
         assert len(client.buf) == cut
     assert client.next_frame() is None
     peer.sendall(frame[-1:])
-    assert client.fill() is True
+    assert client.fill() is Fill.DRAINED
     assert client.next_frame() == frame
     assert client.buf == b"" and client.next_frame() is None
 
@@ -52,12 +52,12 @@ def test_two_frames_in_one_read(pair):
     client, peer = pair
     first, second, third = frames(3)
     peer.sendall(first + second + third[:10])
-    assert client.fill() is True
+    assert client.fill() is Fill.DRAINED
     assert client.next_frame() == first
     assert client.next_frame() == second
     assert client.next_frame() is None
     peer.sendall(third[10:])
-    assert client.fill() is True
+    assert client.fill() is Fill.DRAINED
     assert client.next_frame() == third
     assert client.next_frame() is None
 
@@ -66,23 +66,24 @@ def test_two_frames_in_one_read(pair):
 def test_a_bad_length_raises_protocol_error(pair, length):
     client, peer = pair
     peer.sendall(struct.pack("<i", length))
-    assert client.fill() is True
+    assert client.fill() is Fill.DRAINED
     with pytest.raises(ProtocolError):
         client.next_frame()
 
 
-def test_eof_makes_fill_false(pair):
+def test_eof_makes_fill_closed(pair):
+    """An end of stream that came with the data is seen in the same call."""
     client, peer = pair
     peer.sendall(frames(1)[0][:5])
     peer.close()
-    assert client.fill() is True
-    assert client.fill() is False
+    assert client.fill() is Fill.CLOSED
+    assert len(client.buf) == 5
     assert client.next_frame() is None
 
 
 def test_fill_without_data_times_out_and_keeps_the_client(pair):
     client, peer = pair
-    assert client.fill() is True
+    assert client.fill() is Fill.DRAINED
     assert client.buf == b""
 
 
@@ -90,7 +91,7 @@ def test_fill_updates_last_active(pair):
     client, peer = pair
     before = client.last_active
     peer.sendall(b"\x10")
-    assert client.fill() is True
+    assert client.fill() is Fill.DRAINED
     assert client.last_active >= before
 
 
@@ -110,7 +111,7 @@ def test_new_clients_get_distinct_ids_and_a_readable_repr(pair):
     client, _ = pair
     a, b = socket.socketpair()
     try:
-        other = ClientConn(a, ("10.1.2.3", 1234), MEMBER, message_timeout=1.0)
+        other = ClientConn(a, ("10.1.2.3", 1234), MEMBER, ClientIO(Budget(1 << 30), 1.0))
         assert other.id > client.id
         assert other.peer_ip == "10.1.2.3"
         assert repr(other) == f"<client #{other.id} 10.1.2.3:1234 on 127.0.0.1:40001>"

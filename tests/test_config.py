@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from dvara_lib import config
-from dvara_lib.config import Settings, check_port_range, describe, parse_address, parse_args, parse_duration
+from dvara_lib.config import (Settings, check_port_range, describe, parse_address, parse_args,
+                              parse_duration, parse_size)
 from dvara_lib.errors import ConfigError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -54,6 +55,8 @@ def test_defaults() -> None:
         max_client_connections=20000,
         max_per_client_connections=10000,
         workers=32,
+        max_buffered_bytes=1024 ** 3,
+        worker_linger=0.001,
         message_timeout=120.0,
         client_idle_timeout=3600.0,
         server_idle_timeout=3600.0,

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from pymongo import MongoClient
 
 from dvara_lib import wire
-from dvara_lib.client import ClientConn
+from dvara_lib.client import Budget, ClientConn, ClientIO, Fill
 from dvara_lib.errors import ProtocolError
 from dvara_lib.metrics import Metrics
 from tests.fuzz_harness import (Mutator, RelayHarness, check_decoders, split_points,
@@ -67,14 +67,14 @@ def test_frame_reader_on_raw_bytes(data, rng):
     """Any bytes, in any pieces: the same frames as a reference splitter, or ProtocolError
     once four bytes of a bad length have arrived; never another exception."""
     ours, theirs = socket.socketpair()
-    client = ClientConn(ours, ("127.0.0.1", 1), _MEMBER, 0.5)
+    client = ClientConn(ours, ("127.0.0.1", 1), _MEMBER, ClientIO(Budget(1 << 30), 0.5))
     try:
         got, sent, failed = [], 0, False
         for cut in split_points(rng, len(data)) if data else []:
             theirs.sendall(data[sent:cut])
             sent = cut
             while len(client.buf) + sum(map(len, got)) < sent:
-                assert client.fill()
+                assert client.fill() is not Fill.CLOSED
             try:
                 while (frame := client.next_frame()) is not None:
                     got.append(frame)

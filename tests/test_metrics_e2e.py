@@ -509,6 +509,7 @@ def _bad_frame_and_rejected(proxy: Dvara, until: Callable[..., None],
     for raw in raws[1:]:
         raw.close()
     del raws[1:]                                        # raws[0] stays, to idle out
+    until(lambda sc: total(sc, "clients.connected") <= 3, "room for two more clients")
 
 
 def _stopped_server(proxy: Dvara, server: Secantus, until: Callable[..., None],
