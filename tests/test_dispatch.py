@@ -1,0 +1,125 @@
+"""The dispatcher's member shares, and discovery's limit on rechecks."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from typing import Any
+
+from dvara_lib import discovery, wire
+from dvara_lib.client import Budget, ClientConn, ClientIO
+from dvara_lib.dispatch import Dispatcher
+from dvara_lib.metrics import Metrics
+from dvara_lib.pool import Pool
+from dvara_lib.topology import Member, Topology
+from tests.helpers import wait_until
+
+
+def _member(real: str, metrics: Metrics) -> Member:
+    pool = Pool(real, lambda: socket.socket(), 1)
+    return Member(real, "127.0.0.1:1", 1, pool, metrics.member(real))
+
+
+def test_one_member_uses_at_most_its_share_and_held_messages_run_in_order():
+    metrics = Metrics()
+    slow, other = _member("slow:1", metrics), _member("other:1", metrics)
+    release = threading.Event()
+    running: list[bytes] = []
+    lock = threading.Lock()
+
+    def serve(client: ClientConn, frame: bytes) -> None:
+        with lock:
+            running.append(frame)
+        if client.member is slow and wire.command_name(frame) == "find":
+            release.wait(10)                    # a hung member
+
+    dispatcher = Dispatcher(4, 2, serve, lambda c, p: None)   # share: 3 of 4 workers
+    socks = []
+    try:
+        def client_of(member: Member) -> ClientConn:
+            a, b = socket.socketpair()
+            socks.extend((a, b))
+            client = ClientConn(a, ("127.0.0.1", 1), member, ClientIO(Budget(1 << 20), 1.0))
+            client.take()
+            return client
+
+        frames = [wire.op_msg({"find": "c", "n": i, "$db": "d"}) for i in range(5)]
+        for frame in frames:
+            dispatcher.submit(client_of(slow), frame)
+        wait_until(lambda: len(running) == 3, "three of the slow member's messages to run")
+        assert dispatcher.held == 2 and dispatcher.waiting()
+        hello = wire.op_msg({"hello": 1, "$db": "admin"})
+        dispatcher.submit(client_of(slow), hello)          # a hello is never held
+        ping = wire.op_msg({"ping": 1, "$db": "admin"})
+        dispatcher.submit(client_of(other), ping)          # nor another member's message
+        wait_until(lambda: hello in running and ping in running, "hello and ping to run")
+        release.set()
+        wait_until(lambda: len(running) == 7, "the held messages to run")
+        assert sorted(running[-2:]) == sorted(frames[3:])
+        wait_until(lambda: not dispatcher.waiting(), "nothing left waiting")
+    finally:
+        release.set()
+        assert dispatcher.shutdown(5)
+        for s in socks:
+            s.close()
+
+
+class CountingMonitor:
+    def __init__(self, member: Member) -> None:
+        self.member = member
+        self.checks: list[float] = []
+
+    def check(self) -> discovery.Check:
+        self.checks.append(time.monotonic())
+        return discovery.Check(self.member, {"ok": 1, "isWritablePrimary": True}, [])
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_storm_of_wake_ups_rechecks_a_member_at_most_every_quarter_second(monkeypatch):
+    topology = Topology("rs0")
+    member = _member("db1:27017", Metrics())
+    topology.add(member)
+    monitor = CountingMonitor(member)
+    thread = discovery.DiscoveryThread(topology, interval=60.0, timeout=1.0)
+    monkeypatch.setattr(thread, "_monitor", lambda m: monitor)
+    thread.start()
+    try:
+        wait_until(lambda: monitor.checks, "the first check")
+        started = time.monotonic()
+        while time.monotonic() - started < 1.5:           # every failed request wakes it
+            thread.wake(member)
+            thread.wake()
+            time.sleep(0.001)
+        wait_until(lambda: time.monotonic() - monitor.checks[-1] > discovery.MIN_RECHECK,
+                   "the storm to settle")
+    finally:
+        thread.close()
+        thread.join(5)
+        member.pool.close()
+    gaps = [b - a for a, b in zip(monitor.checks, monitor.checks[1:])]
+    assert 4 <= len(monitor.checks) <= 1.5 / discovery.MIN_RECHECK + 2, monitor.checks
+    assert min(gaps) >= discovery.MIN_RECHECK * 0.95, gaps
+
+
+def test_a_wake_up_brings_the_next_check_forward(monkeypatch: Any):
+    topology = Topology("rs0")
+    member = _member("db1:27017", Metrics())
+    topology.add(member)
+    monitor = CountingMonitor(member)
+    thread = discovery.DiscoveryThread(topology, interval=60.0, timeout=1.0)
+    monkeypatch.setattr(thread, "_monitor", lambda m: monitor)
+    thread.start()
+    try:
+        wait_until(lambda: monitor.checks, "the first check")
+        time.sleep(discovery.MIN_RECHECK)
+        woken = time.monotonic()
+        thread.wake(member)
+        wait_until(lambda: len(monitor.checks) == 2, "a check soon after the wake-up", 2)
+        assert monitor.checks[1] - woken < 0.2
+    finally:
+        thread.close()
+        thread.join(5)
+        member.pool.close()
