@@ -2,18 +2,21 @@
 
 # design:
 # The acceptor thread owns the selector and every idle or parked client. Each client
-# socket is registered once, edge-triggered, for its whole life. On an edge the
-# acceptor reads what an idle client sent (non-blocking) and assembles whole frames;
-# only a complete message is handed, with the client, to the workers (``Dispatcher``),
-# so thousands of idle clients cost no thread. An edge that comes while a worker owns
-# the client is only noted on the client (``ClientConn.readable_while_busy``): the
-# worker reads what came when it lets go. A worker that is done gives the client back
-# by itself (``ClientConn.release``, no system call); it hands the client to this
+# socket is registered once, one-shot, for its whole life: an event disarms it. On an
+# event the acceptor reads what an idle client sent (non-blocking) and assembles whole
+# frames; only a complete message is handed, with the client, to the workers
+# (``Dispatcher``), so thousands of idle clients cost no thread; a client that sent
+# less is armed again. While a worker owns a client its registration stays disarmed,
+# so the client's next messages, which the worker may read itself, wake nobody here.
+# A worker that is done gives the client back by itself: ``ClientConn.release`` arms
+# the registration again (``rearm``, one epoll_ctl: the only selector call another
+# thread makes; registering, unregistering and the selector's map stay this thread's).
+# An event that comes in the instant between that and the worker letting go is noted
+# on the client, and the worker reads what came. The worker hands the client to this
 # thread (``handback``: a SimpleQueue plus an eventfd) only when there is work here:
 # an awaitable hello to park, a client to close, a drain under way, bytes it may not
 # read because the buffer budget is spent. Parked hellos wait here, with no worker and
 # no server connection, until their member changes or their time is up.
-# Workers and other threads never touch the selector: they call ``call_soon``.
 #
 # Buffer budget: while the bytes buffered for incomplete messages exceed
 # --max-buffered-bytes, a client in the middle of a message is not read (TCP pushes
@@ -56,20 +59,24 @@ _ACCEPT_BACKOFF = 0.1
 _READ_LIMIT = 1024 * 1024       # read at most this much of one client per event (fairness)
 _SMALL_READ = 16 * 1024         # what a client between messages may send while over budget
 _THROTTLE_POLL = 0.05           # how often throttled clients are looked at while over budget
-_EDGE = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
+_ONE_SHOT = select.EPOLLIN | select.EPOLLONESHOT
 
 
-class _EdgeSelector(selectors.EpollSelector):
-    """The stdlib epoll selector, plus edge-triggered registrations (which the selectors
-    API cannot express): a client stays registered while a worker owns it."""
+class _OneShotSelector(selectors.EpollSelector):
+    """The stdlib epoll selector, plus one-shot registrations (which the selectors API
+    cannot express): after an event a registration stays disarmed until ``rearm``."""
 
-    def register_edge(self, fileobj: Any, data: Any) -> None:
+    def register_one_shot(self, fileobj: Any, data: Any) -> None:
         key = self.register(fileobj, selectors.EVENT_READ, data)
         try:
-            self._selector.modify(key.fd, _EDGE)
+            self.rearm(key.fd)
         except OSError:
             self.unregister(fileobj)
             raise
+
+    def rearm(self, fd: int) -> None:
+        """Arm fd's registration for one more event (thread-safe: one epoll_ctl)."""
+        self._selector.modify(fd, _ONE_SHOT)
 
 
 class _Listener:
@@ -96,7 +103,8 @@ class Acceptor(threading.Thread):
         self.relay = relay
         self.io = io
         self.tls = tls.ClientTLS.from_settings(settings)   # client TLS, or None
-        self._selector = _EdgeSelector()
+        self._selector = _OneShotSelector()
+        io.rearm = self.rearm
         self._calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._wake_lock = threading.Lock()
         self._wake_fd: Optional[int] = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -151,6 +159,11 @@ class Acceptor(threading.Thread):
     def adopt(self, sock: socket.socket, meta: dict[str, Any], member: "Member") -> None:
         """Take over a client handed over by the process this one replaces."""
         self.call_soon(lambda: self._adopt(sock, meta, member))
+
+    def rearm(self, client: ClientConn) -> None:
+        """Called by the worker that owns client as it lets go: tell the acceptor of the
+        client's next bytes. The one selector call made outside this thread."""
+        self._selector.rearm(client.sock.fileno())
 
     def abort_busy(self) -> None:
         """Cut the sockets of clients a worker still holds, so that the worker fails fast
@@ -294,7 +307,7 @@ class Acceptor(threading.Thread):
 
     def _register(self, client: ClientConn) -> None:
         try:
-            self._selector.register_edge(client.sock, client)
+            self._selector.register_one_shot(client.sock, client)
         except (OSError, ValueError) as exc:
             log.error("cannot watch %s: %s; closing it", client, exc)
             client.close()
@@ -307,7 +320,8 @@ class Acceptor(threading.Thread):
     # -- clients ----------------------------------------------------------------------------
     def _advance(self, client: ClientConn, unread: bool) -> None:
         """Move a client this thread owns along: read if its socket may hold more, then
-        hand its next whole message to the workers (unless a hello of its is parked)."""
+        hand its next whole message to the workers (unless a hello of its is parked), or
+        arm its registration for its next bytes."""
         if unread:
             limit = self._read_limit(client)
             if limit == 0:
@@ -320,10 +334,19 @@ class Acceptor(threading.Thread):
                     return
                 client.closing = True   # it is done sending: serve what it sent, then close
             unread = status is Fill.MORE
-        if client.parked is None and self._submit_if_ready(client, unread):
-            return
+        if client.parked is None:
+            if self._submit_if_ready(client, unread):
+                return
+        else:
+            client.settle()             # what a parked client sends waits in its buffer
         if unread:
             self._throttled[client] = None
+            return
+        try:
+            self._selector.rearm(client.sock.fileno())
+        except OSError as exc:
+            log.debug("cannot watch %s any more (%s); closing it", client, exc)
+            self._close(client, "gone")
 
     def _submit_if_ready(self, client: ClientConn, unread: bool) -> bool:
         """Hand client's next whole message to the workers; False if none is buffered."""
@@ -375,8 +398,7 @@ class Acceptor(threading.Thread):
             self._close(client, "closed by proxy" if verdict is Verdict.CLOSE else "closing")
         elif verdict is Verdict.PARK:
             self._park(client, parked)
-            if unread:
-                self._advance(client, unread)
+            self._advance(client, unread)   # watched while parked (an end of stream)
         elif not self.draining:
             self._advance(client, unread)
         self._check_drained()

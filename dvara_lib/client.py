@@ -4,13 +4,13 @@
 # A client is owned by exactly one thread at a time. The acceptor owns it while it is
 # idle or parked: it reads what the client sends (non-blocking) and assembles whole
 # frames. A worker owns it from the moment the acceptor hands it a frame until the
-# worker lets go: ``busy`` is True for exactly that span. The socket stays registered
-# (edge-triggered) for the client's whole life; an edge that comes while a worker owns
-# the client only sets ``pending`` (under ``lock``), and the worker, letting go, reads
-# what came meanwhile itself (``release``). So a worker that is done with a client
-# gives it back with no system call and no wake-up of the acceptor, unless the
-# acceptor has to act (park a hello, close, drain): then it hands the client back with
-# a ``Verdict`` through ``Acceptor.handback``. Only the acceptor sets ``parked``.
+# worker lets go: ``busy`` is True for exactly that span, and the socket's one-shot
+# registration is disarmed meanwhile. Letting go (``release``) arms it again; an event
+# that comes before ``busy`` is cleared only sets ``pending`` (under ``lock``), and the
+# worker reads what came itself. So a worker that is done with a client gives it back
+# with one epoll_ctl and no wake-up of the acceptor, unless the acceptor has to act
+# (park a hello, close, drain): then it hands the client back with a ``Verdict``
+# through ``Acceptor.handback``. Only the acceptor sets ``parked``.
 #
 # Memory: every byte buffered for an incomplete message is counted in one ``Budget``
 # (--max-buffered-bytes); the acceptor stops reading clients that are mid-message while
@@ -93,6 +93,8 @@ class ClientIO:
         self.write_timeout = write_timeout
         self.linger = linger
         self.tee = tee
+        #: Arms a client's registration again (set by the acceptor).
+        self.rearm: Callable[["ClientConn"], None] = lambda client: None
 
 
 class Tee:
@@ -164,7 +166,7 @@ class ClientConn:
         """Read what the socket has without blocking, up to about limit bytes.
 
         It reads until the socket says it has nothing more (an end of stream that came
-        with the data is seen now: no further edge would announce it).
+        with the data is seen now: no further event would announce it).
         """
         if self.reader is not None:             # TLS (dvara_lib.tls)
             return self.reader(self, limit)
@@ -199,20 +201,21 @@ class ClientConn:
         return self.next_frame()
 
     def took(self, data: bytes) -> None:
-        """Append bytes read from the socket to the buffer."""
+        """Append bytes read from the socket to the buffer (charged to the budget when
+        they are found to be part of an incomplete message)."""
         self.buf += data
-        self.io.budget.add(len(data))
-        self.counted += len(data)
         self.last_active = time.monotonic()
 
     def next_frame(self) -> Optional[bytes]:
         """Pop one whole message from the buffer, or None. Can raise ProtocolError."""
         buf = self.buf
         if len(buf) < 4:
+            self.settle()
             return None
         length = _INT32.unpack_from(buf, 0)[0]
         wire.check_length(length)
         if len(buf) < length:
+            self.settle()
             return None
         if len(buf) == length:          # the usual case: one message, copied once
             frame = bytes(buf)
@@ -221,7 +224,8 @@ class ClientConn:
             with memoryview(buf) as view:
                 frame = bytes(view[:length])
             del buf[:length]
-        self._uncount(length)
+        if self.counted:
+            self.settle()
         return frame
 
     def has_frame(self) -> bool:
@@ -233,11 +237,12 @@ class ClientConn:
         """Part of a message is buffered (and not a whole one)."""
         return bool(self.buf) and not self.has_frame()
 
-    def _uncount(self, n: int) -> None:
-        n = min(n, self.counted)
-        if n:
-            self.counted -= n
-            self.io.budget.add(-n)
+    def settle(self) -> None:
+        """Charge the budget with what the buffer holds now (nothing, usually)."""
+        delta = len(self.buf) - self.counted
+        if delta:
+            self.counted += delta
+            self.io.budget.add(delta)
 
     # -- ownership ----------------------------------------------------------------------
     def take(self) -> None:
@@ -246,7 +251,9 @@ class ClientConn:
 
     def release(self) -> bool:
         """A worker lets go. False if the client became readable meanwhile: the worker
-        still owns it and must read what came (then call release again)."""
+        still owns it and must read what came (then call release again). Can raise
+        OSError (the socket is broken: the worker still owns the client)."""
+        self.io.rearm(self)
         with self.lock:
             if self.pending:
                 self.pending = False
@@ -255,7 +262,7 @@ class ClientConn:
             return True
 
     def readable_while_busy(self) -> bool:
-        """The acceptor saw an edge. True if a worker owns the client (noted for it)."""
+        """The acceptor saw an event. True if a worker owns the client (noted for it)."""
         with self.lock:
             if self.busy:
                 self.pending = True
@@ -287,8 +294,8 @@ class ClientConn:
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            self._uncount(self.counted)
             self.buf = bytearray()
+            self.settle()
             try:
                 self.sock.close()
             except OSError:

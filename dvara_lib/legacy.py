@@ -370,6 +370,8 @@ def cursor_open(reply: bytes) -> bool:
 
 def has_unread_bytes(conn: "ServerConnection") -> bool:
     """True if the server sent something nobody read, or closed: the connection is spoiled."""
+    if conn.rest:
+        return True
     poller = select.poll()
     try:
         poller.register(conn.sock, select.POLLIN)

@@ -1,12 +1,14 @@
 """Thread-safe counters, gauges and latency histograms per replica-set member."""
 
-# design: one MemberMetrics per member, each with one small lock that guards
-# a preallocated list of counter totals, a list of gauges and, per histogram,
-# a fixed ring of the last RESERVOIR_SIZE observations.  The hot path takes
-# that lock for a few integer/float stores and never does I/O under it.
-# snapshot() copies each member's state under its lock, then computes rates,
-# sums and percentiles outside it.  Counters keep a running total (for
-# Prometheus) and a baseline taken at the last interval reset (for Ganglia).
+# design: one MemberMetrics per member. The hot path never takes a lock: each
+# thread that records anything for a member gets a shard of its own (found through a
+# threading.local) holding its counter totals, gauge deltas and, per histogram, a
+# ring of its last RESERVOIR_SIZE observations; only that thread writes it.
+# snapshot() sums the shards (under a lock the writers never take), computes rates
+# against the counter totals it kept at the last interval reset, and merges the rings'
+# observations since then into percentiles. A reset starts a new interval epoch; a
+# shard's interval max belongs to the epoch it was written in. Gauges such as the
+# pools' open and in-use connections are read live at snapshot time.
 
 from __future__ import annotations
 
@@ -142,32 +144,35 @@ def metric_name(name: str, member: Optional[str] = None) -> str:
     return f"{PREFIX}.{member.replace(':', '_')}.{name}"
 
 
-class _Reservoir:
-    """The last RESERVOIR_SIZE observations (seconds) plus interval/total stats.
+class _Shard:
+    """One thread's numbers for one member, written by that thread only (no lock).
 
-    Not locked itself: the owning MemberMetrics' lock guards it.
+    Per histogram: a ring of the last RESERVOIR_SIZE observations (filled before it
+    wraps), the observations and seconds since start, and the largest observation of
+    the interval epoch ``epoch`` (the snapshot side starts epochs).
     """
 
-    __slots__ = ("ring", "pos", "n", "max", "count", "sum")
+    __slots__ = ("counters", "gauges", "rings", "count", "sum", "max", "epoch")
 
     def __init__(self) -> None:
-        self.ring = array("d", bytes(8 * RESERVOIR_SIZE))
-        self.pos = 0      # next slot to write
-        self.n = 0        # observations this interval
-        self.max = 0.0    # largest observation this interval
-        self.count = 0    # observations since start
-        self.sum = 0.0    # seconds observed since start
+        self.counters = [0] * len(_COUNTERS)
+        self.gauges: list[Number] = [0] * len(_GAUGES)
+        self.rings = [array("d") for _ in _HISTOGRAMS]
+        self.count = [0] * len(_HISTOGRAMS)
+        self.sum = [0.0] * len(_HISTOGRAMS)
+        self.max = [0.0] * len(_HISTOGRAMS)
+        self.epoch = [0] * len(_HISTOGRAMS)
 
-    def values(self) -> array:
-        """Return a copy of this interval's retained observations (at most RESERVOIR_SIZE)."""
-        kept = min(self.n, RESERVOIR_SIZE)
-        if self.pos >= kept:
-            return self.ring[self.pos - kept: self.pos]
-        return self.ring[RESERVOIR_SIZE - (kept - self.pos):] + self.ring[: self.pos]
-
-    def reset_interval(self) -> None:
-        self.n = 0
-        self.max = 0.0
+    def since(self, i: int, base: int) -> array:
+        """Copy of the retained observations of histogram i made after the base-th."""
+        ring, count = self.rings[i], self.count[i]
+        kept = min(count - base, len(ring))
+        if kept <= 0:
+            return array("d")
+        end = count % RESERVOIR_SIZE if len(ring) == RESERVOIR_SIZE else len(ring)
+        if end >= kept:
+            return ring[end - kept:end]
+        return ring[len(ring) - (kept - end):] + ring[:end]
 
 
 class _HistState(NamedTuple):
@@ -182,7 +187,7 @@ class _HistState(NamedTuple):
 
 
 class _MemberState(NamedTuple):
-    """A copy of one member's numbers, taken under its lock."""
+    """A copy of one member's numbers."""
 
     counters: list[int]
     baselines: list[int]
@@ -193,73 +198,112 @@ class _MemberState(NamedTuple):
 class MemberMetrics:
     """The measures of one member; every method is safe from any thread.
 
-    Methods for callers: incr(), gauge_add(), gauge_set(), observe(),
-    value() (for tests and /status).  Names must be in MEASURES (KeyError if not).
+    Methods for callers: incr(), gauge_add(), gauge_set(), live_gauge(), observe(),
+    value() (for tests and /status). Names must be in MEASURES (KeyError if not).
     """
 
     def __init__(self, member: str) -> None:
         self.member = member
-        self._lock = threading.Lock()
-        self._counters = [0] * len(_COUNTERS)
+        self._local = threading.local()
+        self._lock = threading.Lock()          # guards the shard list and the bases
+        self._shards: list[_Shard] = []
+        self._set: list[Optional[Number]] = [None] * len(_GAUGES)
+        self._live: list[Optional[Callable[[], Number]]] = [None] * len(_GAUGES)
+        self._epoch = 0
         self._baselines = [0] * len(_COUNTERS)
-        self._gauges: list[Number] = [0] * len(_GAUGES)
-        self._hist = [_Reservoir() for _ in _HISTOGRAMS]
-        # Snapshots of counters/histograms as of the last interval reset.
-        self._hist_base = [(0, 0.0)] * len(_HISTOGRAMS)
+        self._hist_base: dict[_Shard, list[tuple[int, float]]] = {}
+
+    def _shard(self) -> _Shard:
+        try:
+            return self._local.shard
+        except AttributeError:
+            shard = self._local.shard = _Shard()
+            with self._lock:
+                self._shards.append(shard)
+            return shard
 
     def incr(self, name: str, n: int = 1) -> None:
         """Add ``n`` to the counter ``name``."""
-        i = _COUNTER_INDEX[name]
-        with self._lock:
-            self._counters[i] += n
+        self._shard().counters[_COUNTER_INDEX[name]] += n
 
     def gauge_add(self, name: str, delta: Number) -> None:
         """Move the gauge ``name`` up or down by ``delta``."""
-        i = _GAUGE_INDEX[name]
-        with self._lock:
-            self._gauges[i] += delta
+        self._shard().gauges[_GAUGE_INDEX[name]] += delta
 
     def gauge_set(self, name: str, value: Number) -> None:
         """Set the gauge ``name`` to ``value``."""
-        i = _GAUGE_INDEX[name]
-        with self._lock:
-            self._gauges[i] = value
+        self._set[_GAUGE_INDEX[name]] = value
+
+    def live_gauge(self, name: str, read: Callable[[], Number]) -> None:
+        """Read the gauge ``name`` from ``read()`` whenever it is reported."""
+        self._live[_GAUGE_INDEX[name]] = read
 
     def observe(self, name: str, seconds: float) -> None:
         """Record one duration, in seconds, in the histogram ``name``."""
-        r = self._hist[_HISTOGRAM_INDEX[name]]
-        with self._lock:
-            r.ring[r.pos] = seconds
-            r.pos = (r.pos + 1) % RESERVOIR_SIZE
-            r.n += 1
-            r.count += 1
-            r.sum += seconds
-            if seconds > r.max:
-                r.max = seconds
+        i = _HISTOGRAM_INDEX[name]
+        shard = self._shard()
+        n = shard.count[i]
+        ring = shard.rings[i]
+        if n < RESERVOIR_SIZE:
+            ring.append(seconds)
+        else:
+            ring[n % RESERVOIR_SIZE] = seconds
+        shard.count[i] = n + 1
+        shard.sum[i] += seconds
+        if shard.epoch[i] != self._epoch:
+            shard.epoch[i], shard.max[i] = self._epoch, seconds
+        elif seconds > shard.max[i]:
+            shard.max[i] = seconds
 
     def value(self, name: str) -> Number:
         """Return a counter's running total, a gauge's value or a histogram's count."""
-        with self._lock:
-            if name in _COUNTER_INDEX:
-                return self._counters[_COUNTER_INDEX[name]]
-            if name in _GAUGE_INDEX:
-                return self._gauges[_GAUGE_INDEX[name]]
-            return self._hist[_HISTOGRAM_INDEX[name]].count
+        shards = list(self._shards)
+        if name in _COUNTER_INDEX:
+            i = _COUNTER_INDEX[name]
+            return sum(s.counters[i] for s in shards)
+        if name in _GAUGE_INDEX:
+            return self._gauges(shards)[_GAUGE_INDEX[name]]
+        i = _HISTOGRAM_INDEX[name]
+        return sum(s.count[i] for s in shards)
+
+    def _gauges(self, shards: list[_Shard]) -> list[Number]:
+        out: list[Number] = []
+        for i in range(len(_GAUGES)):
+            live, fixed = self._live[i], self._set[i]
+            if live is not None:
+                out.append(live())
+            else:
+                out.append((fixed or 0) + sum(s.gauges[i] for s in shards))
+        return out
 
     def _take(self, reset_interval: bool) -> _MemberState:
-        """Copy this member's numbers under the lock, resetting the interval if asked."""
+        """Copy this member's numbers, resetting the interval if asked."""
         with self._lock:
-            counters = list(self._counters)
-            state = _MemberState(counters, list(self._baselines), list(self._gauges), [
-                _HistState(r.values(), r.max, r.count, r.sum, *base)
-                for r, base in zip(self._hist, self._hist_base)
-            ])
+            shards = list(self._shards)
+            counters = [sum(s.counters[i] for s in shards) for i in range(len(_COUNTERS))]
+            state = _MemberState(counters, list(self._baselines), self._gauges(shards),
+                                 [self._hist_state(shards, i) for i in range(len(_HISTOGRAMS))])
             if reset_interval:
                 self._baselines = counters
-                self._hist_base = [(r.count, r.sum) for r in self._hist]
-                for r in self._hist:
-                    r.reset_interval()
+                self._hist_base = {s: list(zip(s.count, s.sum)) for s in shards}
+                self._epoch += 1
         return state
+
+    def _hist_state(self, shards: list[_Shard], i: int) -> _HistState:
+        values: list[float] = []
+        count = base_count = 0
+        total = base_sum = top = 0.0
+        for shard in shards:
+            base = self._hist_base.get(shard)
+            b_count, b_sum = base[i] if base else (0, 0.0)
+            values.extend(shard.since(i, b_count))
+            count += shard.count[i]
+            total += shard.sum[i]
+            base_count += b_count
+            base_sum += b_sum
+            if shard.epoch[i] == self._epoch and shard.count[i] > b_count:
+                top = max(top, shard.max[i])
+        return _HistState(values, top, count, total, base_count, base_sum)
 
 
 def percentile(sorted_values: list[float], pct: float) -> float:

@@ -1,8 +1,8 @@
 """A bounded, thread-safe pool of server connections to one replica-set member.
 
 # design:
-# Connections are kept in a LIFO deque guarded by one Condition; nothing holds the lock
-# across socket I/O (connecting and the handshake happen after a slot is reserved and the
+# Connections are kept in a LIFO deque guarded by one lock (a Condition on it is waited
+# on only when the pool is full); nothing holds the lock across socket I/O (connecting and the handshake happen after a slot is reserved and the
 # lock released). A generation counter makes ``clear()`` cheap: it closes the idle
 # connections now, and a checked-out connection of an older generation is closed when it
 # comes back. A connection that may hold unread bytes is checked in with
@@ -27,6 +27,7 @@ import collections
 import itertools
 import logging
 import socket
+import struct
 import threading
 import time
 from typing import Any, Callable, Optional
@@ -40,13 +41,15 @@ log = logging.getLogger("dvara.pool")
 Connector = Callable[[], socket.socket]
 
 _conn_ids = itertools.count(1)
+_INT32 = struct.Struct("<i")
+_READ_CHUNK = 64 * 1024
 
 
 class ServerConnection:
     """One socket to a server, owned by the pool or by exactly one worker at a time."""
 
     __slots__ = ("sock", "generation", "id", "created", "last_checkin", "checked_out_at",
-                 "closed", "pool", "spoiled", "pinned")
+                 "closed", "pool", "spoiled", "pinned", "rest")
 
     def __init__(self, sock: socket.socket, generation: int,
                  pool: Optional["Pool"] = None) -> None:
@@ -58,6 +61,7 @@ class ServerConnection:
         self.closed = False
         self.spoiled = False    # may hold unread bytes or failed: never reused
         self.pinned = False     # handed to a client's pin: the pin checks it in
+        self.rest = b""         # bytes read past the last message (an exhaust stream's next)
 
     def __enter__(self) -> "ServerConnection":
         return self
@@ -75,8 +79,20 @@ class ServerConnection:
         wire.send_all(self.sock, data)
 
     def read_frame(self) -> bytes:
-        """Read one message. Can raise ConnectionFailure, ServerTimeout or ProtocolError."""
-        return wire.read_frame(self.sock)
+        """Read one message, in one recv when it is small (the usual reply).
+
+        Can raise ConnectionFailure, ServerTimeout or ProtocolError.
+        """
+        data, self.rest = self.rest, b""
+        while len(data) < 16:
+            data += wire.recv_some(self.sock, _READ_CHUNK)
+        length = _INT32.unpack_from(data, 0)[0]
+        wire.check_length(length)
+        if len(data) < length:
+            return data + wire.recv_exact(self.sock, length - len(data))
+        if len(data) > length:
+            data, self.rest = data[:length], data[length:]
+        return data
 
     def close(self) -> None:
         if not self.closed:
@@ -112,7 +128,8 @@ class Pool:
         self.idle_timeout = idle_timeout
         self.stats = stats or PoolStats()
         self._idle: collections.deque[ServerConnection] = collections.deque()
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)   # waited on only when the pool is full
         self._total = 0          # idle + checked out + being opened
         self._waiting = 0
         self._lent: set[ServerConnection] = set()   # checked out now
@@ -136,9 +153,12 @@ class Pool:
     def checkout(self, timeout: float) -> ServerConnection:
         """A connection for one request. Can raise PoolTimeout or ConnectionFailure."""
         start = time.monotonic()
-        deadline = start + timeout
-        with self._cond:
-            conn = self._take_or_reserve(deadline)
+        with self._lock:
+            if self._idle and not self._closed:     # the usual case: no wait, no connect
+                conn: Optional[ServerConnection] = self._idle.pop()
+                self._lent.add(conn)
+            else:
+                conn = self._take_or_reserve(start + timeout)
         if conn is None:
             conn = self._open_reserved()
         try:
@@ -179,12 +199,13 @@ class Pool:
         try:
             sock = self._connector()
         except BaseException:
-            with self._cond:
+            with self._lock:
                 self._total -= 1
-                self._cond.notify()
+                if self._waiting:
+                    self._cond.notify()
             raise
         conn = ServerConnection(sock, generation, self)
-        with self._cond:
+        with self._lock:
             self._lent.add(conn)
         self.stats.created()
         log.debug("opened a connection to %s", self.name)
@@ -194,7 +215,7 @@ class Pool:
                 count_held: bool = True) -> None:
         """Give conn back; it is closed if not reusable, stale, or the pool is closed."""
         now = time.monotonic()
-        with self._cond:
+        with self._lock:
             self._lent.discard(conn)
             keep = reusable and not conn.closed and not self._closed \
                 and conn.generation == self.generation
@@ -203,7 +224,8 @@ class Pool:
                 self._idle.append(conn)
             else:
                 self._total -= 1
-            self._cond.notify()
+            if self._waiting:
+                self._cond.notify()
         try:
             if count_held:
                 self.stats.held(now - conn.checked_out_at)
@@ -218,13 +240,13 @@ class Pool:
     # -- maintenance ------------------------------------------------------------------
     def resize(self, max_size: int, min_idle: int, idle_timeout: float) -> None:
         """New limits (SIGHUP); waiters re-check at once."""
-        with self._cond:
+        with self._lock:
             self.max_size, self.min_idle, self.idle_timeout = max_size, min_idle, idle_timeout
             self._cond.notify_all()
 
     def clear(self) -> None:
         """Retire every connection opened so far (after a network error)."""
-        with self._cond:
+        with self._lock:
             self.generation += 1
             stale = list(self._idle)
             self._idle.clear()
@@ -238,7 +260,7 @@ class Pool:
     def maintain(self) -> None:
         """Close connections idle too long; open connections up to min_idle."""
         cutoff = time.monotonic() - self.idle_timeout
-        with self._cond:
+        with self._lock:
             removable = max(len(self._idle) - self.min_idle, 0)
             expired = [c for c in self._idle if c.last_checkin < cutoff][:removable]
             for conn in expired:
@@ -257,7 +279,7 @@ class Pool:
             self.checkin(conn, reusable=True, count_held=False)
 
     def _reserve_for_min_idle(self) -> bool:
-        with self._cond:
+        with self._lock:
             if self._closed or len(self._idle) >= self.min_idle or self._total >= self.max_size:
                 return False
             self._total += 1
@@ -267,7 +289,7 @@ class Pool:
         """Close the pool and cut every connection in use, so that a worker blocked on
         one fails now (the last step of a shutdown whose drain timed out)."""
         self.close()
-        with self._cond:
+        with self._lock:
             lent = list(self._lent)
         for conn in lent:
             try:
@@ -276,7 +298,7 @@ class Pool:
                 pass
 
     def close(self) -> None:
-        with self._cond:
+        with self._lock:
             self._closed = True
             stale = list(self._idle)
             self._idle.clear()

@@ -43,7 +43,8 @@ MUTATIONS = frozenset({"insert", "update", "delete", "findAndModify", "findandmo
 _LEGACY_WRITES = frozenset({wire.OP_INSERT, wire.OP_UPDATE, wire.OP_DELETE})
 
 #: Byte strings that only a "not primary" / "node is recovering" / shutdown error reply
-#: holds; small replies are scanned for them (in C) before anything is decoded.
+#: holds; small replies holding an error field ("errmsg", or the legacy "err"/"$err")
+#: are scanned for them (in C) before anything is decoded.
 STATE_CHANGE_MARKERS = (b"NotWritablePrimary", b"NotPrimary", b"InterruptedDueToReplStateChange",
                         b"PrimarySteppedDown", b"ShutdownInProgress", b"InterruptedAtShutdown",
                         b"not master", b"not primary", b"node is recovering")
@@ -147,8 +148,11 @@ class Relay:
                 return Verdict.CLOSE
             if self.acceptor_busy() or (client.io.budget.spent and client.mid_message()):
                 return Verdict.RESUME       # the acceptor decides (drain, throttle)
-            if client.release():
-                return None
+            try:
+                if client.release():
+                    return None
+            except OSError:
+                return Verdict.CLOSE        # its socket broke
             if client.fill() is Fill.CLOSED:   # it became readable while we owned it
                 client.closing = True          # done sending: serve what it sent, then close
             frame = client.next_frame()
@@ -313,7 +317,8 @@ class Relay:
             conn.spoil()
             self._server_failed(member, exc)
             return None
-        if len(reply) < _SCANNED_REPLY_SIZE and any(m in reply for m in STATE_CHANGE_MARKERS):
+        if len(reply) < _SCANNED_REPLY_SIZE and (b"errmsg" in reply or b"err\x00" in reply) \
+                and any(m in reply for m in STATE_CHANGE_MARKERS):
             self._check_state_change(member, reply)
         return reply
 

@@ -51,29 +51,25 @@ _DEAD_THREAD_DRAIN = 5.0
 
 
 class _PoolMetrics(PoolStats):
-    """Pool events as member measures."""
+    """Pool events as member measures (its open and in-use counts are read live)."""
 
     def __init__(self, stats: MemberMetrics) -> None:
         self.stats = stats
 
     def created(self) -> None:
         self.stats.incr("server.created")
-        self.stats.gauge_add("server.open", 1)
 
     def closed(self) -> None:
         self.stats.incr("server.closed")
-        self.stats.gauge_add("server.open", -1)
 
     def checkout_wait(self, seconds: float) -> None:
         self.stats.observe("server.checkout_wait", seconds)
-        self.stats.gauge_add("server.in_use", 1)
 
     def checkout_timeout(self) -> None:
         self.stats.incr("server.checkout_timeouts")
 
     def held(self, seconds: float) -> None:
         self.stats.observe("server.held", seconds)
-        self.stats.gauge_add("server.in_use", -1)
 
 
 class Server:
@@ -197,6 +193,8 @@ class Server:
         stats = self.metrics.member(real)
         pool = Pool(real, lambda: self._connect(member), s.max_connections,
                     s.min_idle_connections, s.server_idle_timeout, _PoolMetrics(stats))
+        stats.live_gauge("server.open", lambda: pool.open_count)
+        stats.live_gauge("server.in_use", lambda: pool.in_use)
         member = Member(real, format_address(s.advertise_host, port), port, pool, stats)
         if hello is not None:
             member.max_wire_version = int(hello.get("maxWireVersion", 0))

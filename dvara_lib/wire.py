@@ -149,6 +149,19 @@ def _recv_into(sock: socket.socket, view: memoryview) -> None:
         got += chunk
 
 
+def recv_some(sock: socket.socket, n: int) -> bytes:
+    """Read at least one and at most n bytes. Can raise ConnectionFailure or ServerTimeout."""
+    try:
+        data = sock.recv(n)
+    except (socket.timeout, BlockingIOError) as exc:
+        raise ServerTimeout("timed out reading from server") from exc
+    except OSError as exc:
+        raise ConnectionFailure(f"read failed: {exc}") from exc
+    if not data:
+        raise ConnectionFailure("connection closed by server")
+    return data
+
+
 def recv_exact(sock: socket.socket, n: int) -> bytes:
     """Read exactly n bytes. Can raise ConnectionFailure or ServerTimeout."""
     buf = bytearray(n)
@@ -242,6 +255,12 @@ def command_name(frame: bytes) -> Optional[str]:
     """The command name of an OP_MSG, or of an OP_QUERY on ``db.$cmd``; else None."""
     op = opcode(frame)
     if op == OP_MSG:
+        if len(frame) > 26 and frame[20] == 0:    # the usual layout: the body comes first
+            if frame[25] == 0:
+                return ""
+            end = frame.find(b"\x00", 26)
+            if end > 0:
+                return frame[26:end].decode("utf-8", "replace")
         return _first_key(frame, msg_body_offset(frame))
     if op == OP_QUERY:
         ns, offset = query_doc_offset(frame)
