@@ -15,14 +15,14 @@ log = logging.getLogger("dvara.app")
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-def setup_logging(settings: Settings) -> None:
-    """Log to --log-file (or stderr) at --log-level."""
+def setup_logging(settings: Settings, tag: str = "") -> None:
+    """Log to --log-file (or stderr) at --log-level; a worker process tags its lines."""
     handler: logging.Handler
     if settings.log_file:
         handler = logging.FileHandler(settings.log_file)
     else:
         handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(_LOG_FORMAT))
+    handler.setFormatter(logging.Formatter(_LOG_FORMAT.replace("%(name)s", "%(name)s" + tag)))
     root = logging.getLogger("dvara")
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level.upper())

@@ -43,7 +43,6 @@ log = logging.getLogger("dvara.client")
 
 _INT32 = struct.Struct("<i")
 _READ_CHUNK = 64 * 1024          # larger buffers cost an mmap/munmap per recv
-_connection_ids = itertools.count(1)
 
 
 class Verdict(enum.Enum):
@@ -84,12 +83,14 @@ class Budget:
 
 class ClientIO:
     """What every client of one acceptor shares: the byte budget, the write time-out
-    (--message-timeout, live), how long a worker waits for a client's next message, and
-    the --tee-file writer."""
+    (--message-timeout, live), how long a worker waits for a client's next message, the
+    --tee-file writer, and the connection ids."""
 
     def __init__(self, budget: Budget, write_timeout: float, linger: float = 0.0,
-                 tee: Optional["Tee"] = None) -> None:
+                 tee: Optional["Tee"] = None, first_id: int = 1, id_step: int = 1) -> None:
         self.budget = budget
+        #: Connection ids (hello's connectionId), unique across the processes of a dvara.
+        self.ids = itertools.count(first_id, id_step)
         self.write_timeout = write_timeout
         self.linger = linger
         self.tee = tee
@@ -141,7 +142,7 @@ class ClientConn:
         self.peer_ip = str(peer[0])
         self.member = member
         self.io = io
-        self.id = next(_connection_ids)
+        self.id = next(io.ids)
         self.buf = bytearray()
         self.counted = 0            # bytes of buf charged to the budget
         self.compressors: list[str] = []

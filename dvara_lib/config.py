@@ -58,6 +58,7 @@ class Settings:
     max_client_connections: int
     max_per_client_connections: int
     workers: int
+    processes: int
     max_buffered_bytes: int
     worker_linger: float
     message_timeout: float
@@ -249,6 +250,12 @@ def _size(text: str) -> int:
     return size
 
 
+def _processes(text: str) -> int:
+    if text.strip().lower() == "auto":
+        return max(1, len(os.sched_getaffinity(0)))
+    return _int_at_least(1)(text)
+
+
 def _host(text: str) -> str:
     try:
         return _parse_host(text)
@@ -400,7 +407,11 @@ _OPTIONS: tuple[_Option, ...] = (
             "maximum client connections in total"),
     _Option("max-per-client-connections", _int_at_least(1), "10000", "pool", "N",
             "maximum client connections from one client IP"),
-    _Option("workers", _int_at_least(1), "32", "pool", "N", "threads that forward messages"),
+    _Option("workers", _int_at_least(1), "32", "pool", "N",
+            "threads that forward messages (in each process)"),
+    _Option("processes", _processes, "1", "pool", "N",
+            "processes that serve clients (auto: one per core); together they keep every "
+            "limit, --max-connections included"),
     _Option("max-buffered-bytes", _size, "1GB", "pool", "SIZE",
             "bytes held for clients' incomplete messages, in all; above it clients in the "
             "middle of a message are read no further until the buffers drain"),
@@ -618,6 +629,12 @@ def _cross_check(ns: argparse.Namespace) -> str | None:
     """Return a message for the first setting that conflicts with another one."""
     if ns.port_start > ns.port_end:
         return f"--port-start/--port-end: start {ns.port_start} is above end {ns.port_end}"
+    if ns.processes > ns.max_connections:
+        return (
+            f"--processes: each process needs at least one server connection per member: "
+            f"{ns.processes} processes need --max-connections >= {ns.processes}, "
+            f"got {ns.max_connections}"
+        )
     if ns.min_idle_connections > ns.max_connections:
         return (
             f"--min-idle-connections: must be <= --max-connections ({ns.max_connections}), "

@@ -215,6 +215,9 @@ class DiscoveryThread(threading.Thread):
         self.timeout = timeout
         self.app_version = app_version
         self.reconcile = reconcile
+        #: Called (in this thread) after each check is applied, with whether the member
+        #: was up before it: the pools follow the member (dvara_lib.dataplane).
+        self.on_checked: Callable[["Member", bool], None] = lambda member, was_up: None
         self._checks = start_thread_pool(monitor_threads, "dvara-monitor")
         self._monitors: dict[str, MemberMonitor] = {}
         self._inflight: dict[str, concurrent.futures.Future[Check]] = {}
@@ -349,15 +352,13 @@ class DiscoveryThread(threading.Thread):
         member, hello = check.member, check.hello
         if self.topology.get(member.real) is not member:
             return
-        if hello is None and member.up:
-            member.pool.clear()
+        was_up = member.up
         self.topology.update(member, hello, checked_at=check.started)
         member.stats.gauge_set("member.up", 1 if hello is not None else 0)
         self._latest[member.real] = hello
         if check.status_names:
             self._status_names = check.status_names
-        if hello is not None:
-            member.pool.maintain()
+        self.on_checked(member, was_up)
 
     def _monitor(self, member: "Member") -> MemberMonitor:
         monitor = self._monitors.get(member.real)

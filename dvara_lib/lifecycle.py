@@ -47,7 +47,7 @@ def replace_process(server: "Server") -> bool:
     except OSError as exc:
         log.error("SIGUSR2: cannot open the hand-off socket (%s); still serving", exc)
         return False
-    listeners = server.acceptor.listener_fds()
+    listeners = server.listener_fds()
     env = {**os.environ, handoff.LISTEN_FDS_ENV: handoff.encode_listen_fds(listeners),
            handoff.HANDOFF_ENV: sender.path}
     fds = list(listeners.values())

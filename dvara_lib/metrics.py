@@ -323,6 +323,9 @@ class Metrics:
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
+        #: Other processes' numbers (--processes N): called with reset_interval, each
+        #: returns (member address, state) pairs merged into every snapshot.
+        self.sources: list[Callable[[bool], list[tuple[str, "_MemberState"]]]] = []
         self._lock = threading.Lock()
         self._members: dict[str, MemberMetrics] = {}
         self._interval_start = clock()
@@ -350,6 +353,12 @@ class Metrics:
         with self._lock:
             return sorted(self._members)
 
+    def take(self, reset_interval: bool) -> list[tuple[str, _MemberState]]:
+        """Every member's raw numbers (what a worker process sends its parent)."""
+        with self._lock:
+            members = sorted(self._members.items())
+        return [(addr, mm._take(reset_interval)) for addr, mm in members]
+
     def snapshot(self, reset_interval: bool) -> list[Sample]:
         """Return every measure, per member and summed over members.
 
@@ -363,13 +372,46 @@ class Metrics:
             elapsed = max(now - self._interval_start, 1e-3)
             if reset_interval:
                 self._interval_start = now
-            with self._lock:
-                members = sorted(self._members.items())
-            states = [(addr, mm._take(reset_interval)) for addr, mm in members]
+            states = self.take(reset_interval)
+            for source in self.sources:
+                states = _merge(states, source(reset_interval))
         samples = _aggregate(states, elapsed)
         for addr, state in states:
             samples.extend(_member_samples(addr, state, elapsed))
         return samples
+
+
+def _merge(ours: list[tuple[str, _MemberState]],
+           theirs: list[tuple[str, _MemberState]]) -> list[tuple[str, _MemberState]]:
+    """Two processes' numbers for the members ``ours`` knows, added up."""
+    by_addr = dict(theirs)
+    out = []
+    for addr, a in ours:
+        b = by_addr.get(addr)
+        if b is not None:
+            a = merge_states(a, b)
+        out.append((addr, a))
+    return out
+
+
+def merge_states(a: _MemberState, b: _MemberState) -> _MemberState:
+    """The sum of two states of one member (counters, gauges, histograms merged)."""
+    def add(x: list, y: list) -> list:
+        return [p + q for p, q in zip(x, y)]
+
+    hist = [_HistState(list(h.values) + list(k.values), max(h.max, k.max), h.count + k.count,
+                       h.sum + k.sum, h.base_count + k.base_count, h.base_sum + k.base_sum)
+            for h, k in zip(a.hist, b.hist)]
+    return _MemberState(add(a.counters, b.counters), add(a.baselines, b.baselines),
+                        add(a.gauges, b.gauges), hist)
+
+
+def thin(state: _MemberState, most: int) -> _MemberState:
+    """state with at most ``most`` observations kept per histogram (evenly spread), to
+    send it to another process."""
+    hist = [h._replace(values=list(h.values)[::max(1, -(-len(h.values) // most))])
+            for h in state.hist]
+    return state._replace(hist=hist)
 
 
 def _counter_samples(member: Optional[str], counters: list[int], baselines: list[int],

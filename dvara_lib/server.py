@@ -1,11 +1,14 @@
-"""The arbiter: wires settings, discovery, pools, listeners, workers and the acceptor.
+"""The arbiter: discovery, listeners, signals and services around the data plane.
 
 # design:
 # The main thread builds everything, then waits on a SimpleQueue that the signal
-# handlers only put into (SIGTERM, SIGINT: drain and exit). Threads: the acceptor, the
-# discovery thread, the fixed ThreadPoolExecutor (all workers started up front, so the
-# thread count never changes), and, when configured, the metrics emitter and the admin
-# HTTP server.
+# handlers only put into, and watches the threads (and processes) it cannot serve
+# without. It owns discovery (the set's members and their states), the listeners (one
+# per member, opened or inherited here), the pidfile, the metrics services and the
+# graceful restart. The clients are served by a plane: with --processes 1 a DataPlane
+# in this process (its acceptor and fixed worker pool share the Member objects with
+# discovery); with --processes N a WorkerSet of N worker processes, each running a
+# DataPlane of its own that this process feeds with members, states and settings.
 """
 
 from __future__ import annotations
@@ -21,18 +24,14 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Optional
 
-from dvara_lib import __version__, auth, handoff, lifecycle, tls, wire
-from dvara_lib.acceptor import Acceptor
-from dvara_lib.client import Budget, ClientIO, Tee
+from dvara_lib import __version__, auth, handoff, lifecycle, tls
 from dvara_lib.config import check_port_range
-from dvara_lib.discovery import DiscoveryThread, connect, discover, hello_request, run_hello
-from dvara_lib.dispatch import Dispatcher
+from dvara_lib.dataplane import DataPlane
+from dvara_lib.discovery import DiscoveryThread, discover
+from dvara_lib.errors import ConfigError
 from dvara_lib.membership import PortBook, wanted_members
-from dvara_lib.errors import ConfigError, ConnectionFailure, ProtocolError
-from dvara_lib.metrics import MemberMetrics, Metrics
+from dvara_lib.metrics import Metrics
 from dvara_lib.pidfile import LOCK_FD_ENV, PidFile
-from dvara_lib.pool import Pool, PoolStats
-from dvara_lib.relay import Relay
 from dvara_lib.topology import Member, Topology, format_address
 
 if TYPE_CHECKING:
@@ -50,44 +49,20 @@ EXIT_THREAD_DIED = 70
 _DEAD_THREAD_DRAIN = 5.0
 
 
-class _PoolMetrics(PoolStats):
-    """Pool events as member measures (its open and in-use counts are read live)."""
-
-    def __init__(self, stats: MemberMetrics) -> None:
-        self.stats = stats
-
-    def created(self) -> None:
-        self.stats.incr("server.created")
-
-    def closed(self) -> None:
-        self.stats.incr("server.closed")
-
-    def checkout_wait(self, seconds: float) -> None:
-        self.stats.observe("server.checkout_wait", seconds)
-
-    def checkout_timeout(self) -> None:
-        self.stats.incr("server.checkout_timeouts")
-
-    def held(self, seconds: float) -> None:
-        self.stats.observe("server.held", seconds)
-
-
 class Server:
-    """One dvara process. Methods for callers: start(), run(), stop(), status()."""
+    """One dvara. Methods for callers: start(), run(), stop(), status()."""
 
     def __init__(self, settings: "Settings", metrics: Optional[Metrics] = None) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.topology: Optional[Topology] = None
-        self.acceptor: Optional[Acceptor] = None
         self.discovery: Optional[DiscoveryThread] = None
         self.ports: Optional[PortBook] = None
-        self.dispatcher: Optional[Dispatcher] = None
-        self.io: Optional[ClientIO] = None
+        self.plane: Any = None           # a DataPlane, or a WorkerSet (--processes N)
+        self.listeners: dict[int, socket.socket] = {}   # proxy port -> listening socket
         self.started = time.time()
         self._signals: queue.SimpleQueue[int] = queue.SimpleQueue()
         self._services: list[Any] = []
-        self.relay: Optional[Relay] = None
         self.pidfile: Optional[PidFile] = None
         self.argv = list(sys.argv)
         self.cwd = os.getcwd()
@@ -111,13 +86,13 @@ class Server:
             self.topology, s.discovery_interval, _check_timeout(s.discovery_interval), __version__,
             reconcile=self.reconcile if found.set_name else None,
             monitor_threads=min(8, len(self.ports.ports) + len(s.member_map)), seeds=s.addrs)
-        self._start_data_plane()
-        self.topology.on_change(self.acceptor.topology_changed)
+        self.plane = self._make_plane()
+        self.discovery.on_checked = self.plane.checked
         self.topology.on_change(lambda m: m.stats.incr("topology.changes"))
         for real in found.members + self._mapped_extras(found.members):
             self._add_member(real, found.hellos.get(real))
         self.discovery.poll_once()
-        self.acceptor.start()
+        self.plane.start()
         self.discovery.start()
         self._start_services()
         log.info("dvara %s serving replica set %s: %s", __version__,
@@ -125,36 +100,17 @@ class Server:
                  ", ".join(f"{m.real} as {m.proxy}" for m in self.topology.members()))
         print(f"dvara is ready; connect with: {self.connection_string()}", flush=True)
 
+    def _make_plane(self) -> Any:
+        if self.settings.processes > 1:
+            from dvara_lib.workers import WorkerSet
+            return WorkerSet(self.settings, self.topology, self.metrics, self.discovery.wake)
+        return DataPlane(self.settings, self.topology, self.metrics, self.discovery.wake)
+
     def connection_string(self) -> str:
         """The URI a client should use to reach the set through the proxy."""
         hosts = ",".join(m.proxy for m in self.topology.members())
         name = self.topology.set_name
         return f"mongodb://{hosts}/?" + (f"replicaSet={name}" if name else "directConnection=true")
-
-    def _start_data_plane(self) -> None:
-        """The relay, the workers and the acceptor (not started yet)."""
-        s = self.settings
-        tee = Tee(s.tee_file) if s.tee_file else None
-        self.io = ClientIO(Budget(s.max_buffered_bytes), s.message_timeout, s.worker_linger, tee)
-        self.relay = Relay(s, self.topology, self._handback,
-                           on_server_failure=lambda m: self.discovery.wake(m),
-                           on_state_change=self._state_changed)
-        # As many pinned workers as one member's pins can need (each holds a connection).
-        self.dispatcher = Dispatcher(s.workers, max(2, min(s.workers, s.max_connections)),
-                                     self.relay.serve, self.relay.serve_parked)
-        self.acceptor = Acceptor(s, self.dispatcher, self.relay, self.io)
-        self.relay.others_waiting = self.dispatcher.waiting
-        self.relay.acceptor_busy = lambda: self.acceptor.draining
-
-    def _state_changed(self, member: Member, shutting_down: bool) -> None:
-        """A relayed reply said member is no longer what clients think (SDAM error)."""
-        self.topology.suspect(member)
-        if shutting_down:
-            member.pool.clear()
-        self.discovery.wake(member)
-
-    def _handback(self, client: Any, verdict: Any, parked: Any) -> None:
-        self.acceptor.handback(client, verdict, parked)
 
     def _mapped_extras(self, members: list[str]) -> list[str]:
         """--member-map members the seeds did not list (hidden ones, say)."""
@@ -190,17 +146,11 @@ class Server:
                       "for the replica set; clients cannot reach this member through dvara",
                       real, s.port_start, s.port_end)
             return None
-        stats = self.metrics.member(real)
-        pool = Pool(real, lambda: self._connect(member), s.max_connections,
-                    s.min_idle_connections, s.server_idle_timeout, _PoolMetrics(stats))
-        stats.live_gauge("server.open", lambda: pool.open_count)
-        stats.live_gauge("server.in_use", lambda: pool.in_use)
-        member = Member(real, format_address(s.advertise_host, port), port, pool, stats)
-        if hello is not None:
-            member.max_wire_version = int(hello.get("maxWireVersion", 0))
         sock = _listen(s.listen_host, port, self._inherited)
-        self.topology.add(member)
-        self.acceptor.add_listener(sock, member)
+        self.listeners[port] = sock
+        max_wire = int(hello.get("maxWireVersion", 0)) if hello is not None else 0
+        member = self.plane.add_member(real, format_address(s.advertise_host, port), port,
+                                       sock, max_wire)
         log.info("proxying member %s on %s", real, member.proxy)
         return member
 
@@ -208,26 +158,14 @@ class Server:
         """Stop accepting for member; its clients finish what is in flight and are closed."""
         log.info("member %s left the replica set; closing its listener %s",
                  member.real, member.proxy)
-        self.topology.remove(member)
-        self.acceptor.retire(member)
-        member.pool.close()
-        self.metrics.forget(member.real)
+        self.plane.remove_member(member)
+        sock = self.listeners.pop(member.proxy_port, None)
+        if sock is not None and self.settings.processes > 1:
+            sock.close()                # with one process the acceptor closes it
 
-    def _connect(self, member: Member) -> socket.socket:
-        """A pooled server connection: TCP connect plus the proxy's own handshake."""
-        timeout = self.settings.message_timeout
-        auth.check_backoff(member.real)         # issue 7: no new connection while logins fail
-        sock = connect(member.address, min(timeout, _DISCOVERY_TIMEOUT))
-        try:
-            hello = run_hello(sock, hello_request(member.max_wire_version, True, __version__))
-            auth.login(sock, hello, member.real)    # issue 7: the proxy's own account
-            wire.set_io_timeout(sock, timeout)
-        except (ConnectionFailure, ProtocolError, OSError) as exc:
-            sock.close()
-            if isinstance(exc, ConnectionFailure):
-                raise
-            raise ConnectionFailure(f"handshake with {member.real} failed: {exc}") from exc
-        return sock
+    def listener_fds(self) -> dict[int, int]:
+        """proxy port → listening socket fd, for the process that will replace this one."""
+        return {port: sock.fileno() for port, sock in list(self.listeners.items())}
 
     def _start_services(self) -> None:
         """The metrics emitter and admin endpoint, when configured."""
@@ -281,8 +219,10 @@ class Server:
 
     def _dead_thread(self) -> Optional[str]:
         """The name of a thread dvara cannot serve without that is no longer alive."""
-        threads = [self.acceptor, self.discovery] + [
-            s for s in self._services if isinstance(s, threading.Thread)]
+        dead = self.plane.dead_thread()
+        if dead is not None:
+            return dead
+        threads = [self.discovery] + [s for s in self._services if isinstance(s, threading.Thread)]
         for thread in threads:
             if thread is not None and not thread.is_alive():
                 return thread.name
@@ -294,15 +234,8 @@ class Server:
         if not path:
             return
 
-        def adopt(sock: socket.socket, meta: dict[str, Any]) -> None:
-            member = self.topology.get(meta["member"])
-            if member is None:
-                sock.close()
-                return
-            self.acceptor.adopt(sock, meta, member)
-
         def run() -> None:
-            count = handoff.receive(path, adopt, self.settings.graceful_timeout + 30)
+            count = handoff.receive(path, self.plane.adopt, self.settings.graceful_timeout + 30)
             log.info("took over %d client connection(s) from the old process", count)
 
         threading.Thread(target=run, name="dvara-handoff", daemon=True).start()
@@ -317,18 +250,9 @@ class Server:
         if lifecycle.settings_changed_for_metrics(old, settings):
             self._restart_services(old, settings)
         self.settings = settings
-        self.relay.apply_settings(settings)
-        self.acceptor.settings = settings
-        self.io.write_timeout = settings.message_timeout
-        self.io.linger = settings.worker_linger
-        self.io.budget.limit = settings.max_buffered_bytes
         logging.getLogger("dvara").setLevel(settings.log_level.upper())
         self.discovery.interval = settings.discovery_interval
-        for member in self.topology.members():
-            member.pool.resize(settings.max_connections, settings.min_idle_connections,
-                               settings.server_idle_timeout)
-            if settings.message_timeout != old.message_timeout:
-                member.pool.clear()     # new connections take the new time-out
+        self.plane.apply_settings(settings)
 
     def _restart_services(self, old: "Settings", new: "Settings") -> None:
         """Start the metrics services of new settings, then stop the old ones; if the new
@@ -345,37 +269,14 @@ class Server:
 
     def stop(self, timeout: float = 5.0, sender: Optional[handoff.Sender] = None) -> None:
         """Stop accepting; between two messages close every client (or hand it to the new
-        process); wait up to timeout for messages in flight, then cut what is left. The
-        workers are stopped before the acceptor closes its descriptors."""
-        acceptor = self.acceptor
-        if acceptor is not None and acceptor.is_alive():
-            acceptor.drain(sender)
-            if not acceptor.drained.wait(timeout):
-                log.warning("%d client(s) still busy or pinned after %.1fs; closing them",
-                            acceptor.counts()["clients"], timeout)
+        process); wait up to timeout for messages in flight, then close everything."""
         if self.discovery is not None:
             self.discovery.close()
+        if self.plane is not None:
+            self.plane.stop(timeout, sender)
         for service in self._services:
             service.close()
-        self._stop_workers()
-        if acceptor is not None and acceptor.is_alive():
-            acceptor.stop()
-            acceptor.join(timeout)
-        for member in self.topology.members() if self.topology else []:
-            member.pool.close()
-        if self.io is not None and self.io.tee is not None:
-            self.io.tee.close()
         log.info("dvara stopped")
-
-    def _stop_workers(self) -> None:
-        """Cut what the workers still wait on, then stop them (bounded)."""
-        if self.dispatcher is None:
-            return
-        if self.acceptor is not None:
-            self.acceptor.abort_busy()
-        for member in self.topology.members() if self.topology else []:
-            member.pool.abort()
-        self.dispatcher.shutdown(wait_seconds=_DEAD_THREAD_DRAIN)
 
     # -- status -----------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:

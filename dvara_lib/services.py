@@ -52,20 +52,22 @@ def start_services(settings: "Settings", metrics: Metrics,
 
 def status_document(server: "Server") -> dict[str, Any]:
     """Members, pools, clients, uptime, version and config (secrets hidden)."""
-    counts = server.acceptor.counts() if server.acceptor else {"clients": 0, "busy": 0}
-    per_member = server.acceptor.clients_per_member() if server.acceptor else {}
+    plane = server.plane.status() if server.plane is not None else {}
+    counts = plane.get("clients", {"clients": 0, "busy": 0})
+    served = plane.get("members", {})
     members = []
     for m in server.topology.members() if server.topology else []:
+        mine = served.get(m.real, {})
         members.append({
             "member": m.real, "proxy": m.proxy, "state": m.state, "up": m.up,
-            "pool": {"open": m.pool.open_count, "in_use": m.pool.in_use,
-                     "waiting": m.pool.waiting, "max": m.pool.max_size},
-            "clients": per_member.get(m.real, 0),
+            "pool": {key: mine.get(key, 0) for key in ("open", "in_use", "waiting", "max")},
+            "clients": mine.get("clients", 0),
         })
     return {
         "version": __version__,
         "uptime_s": round(time.time() - server.started, 1),
         "set_name": server.topology.set_name if server.topology else None,
+        "processes": server.settings.processes,
         "members": members,
         "clients": {"connected": counts["clients"], "busy": counts["busy"],
                     "max": server.settings.max_client_connections},

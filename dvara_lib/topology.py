@@ -59,7 +59,7 @@ def normalize(address: str) -> str:
 class Member:
     """One replica-set member and the proxy listener that stands in for it."""
 
-    def __init__(self, real: str, proxy: str, proxy_port: int, pool: Pool,
+    def __init__(self, real: str, proxy: str, proxy_port: int, pool: Optional[Pool],
                  stats: "MemberMetrics") -> None:
         self.real = real
         self.stats = stats
@@ -79,6 +79,11 @@ class Member:
     def suspect(self) -> bool:
         """A relayed reply said this member changed and no check has confirmed it since."""
         return self.suspect_since > self.checked_at
+
+    def shared_state(self) -> dict[str, Any]:
+        """What another process needs to answer hellos as this one (Topology.apply_state)."""
+        return {"answer": self.answer, "up": self.up, "counter": self.counter,
+                "max_wire_version": self.max_wire_version, "checked_at": self.checked_at}
 
     @property
     def state(self) -> str:
@@ -100,9 +105,10 @@ class Member:
 class Topology:
     """Members by real address, the real→proxy address map, and change notification."""
 
-    def __init__(self, set_name: Optional[str]) -> None:
+    def __init__(self, set_name: Optional[str],
+                 process_id: Optional[bson.ObjectId] = None) -> None:
         self.set_name = set_name
-        self.process_id = bson.ObjectId()
+        self.process_id = process_id or bson.ObjectId()
         self._members: dict[str, Member] = {}
         self._proxy_of: dict[str, str] = {}
         self._lock = threading.Lock()
@@ -162,6 +168,18 @@ class Topology:
             for callback in self._listeners:
                 callback(member)
         return changed
+
+    def apply_state(self, member: Member, state: dict[str, Any]) -> None:
+        """Take a member's state as another process's discovery found it (its ``state()``),
+        so that every process gives clients the same answer and topologyVersion."""
+        was_suspect = member.suspect
+        changed = state["counter"] != member.counter
+        member.answer, member.up = state["answer"], state["up"]
+        member.counter, member.max_wire_version = state["counter"], state["max_wire_version"]
+        member.checked_at = max(member.checked_at, state["checked_at"])
+        if changed or (was_suspect and not member.suspect):
+            for callback in self._listeners:
+                callback(member)
 
     def refresh(self) -> None:
         """Rewrite every member's answer again (after the address map changed)."""

@@ -111,7 +111,7 @@ def test_new_clients_get_distinct_ids_and_a_readable_repr(pair):
     client, _ = pair
     a, b = socket.socketpair()
     try:
-        other = ClientConn(a, ("10.1.2.3", 1234), MEMBER, ClientIO(Budget(1 << 30), 1.0))
+        other = ClientConn(a, ("10.1.2.3", 1234), MEMBER, client.io)
         assert other.id > client.id
         assert other.peer_ip == "10.1.2.3"
         assert repr(other) == f"<client #{other.id} 10.1.2.3:1234 on 127.0.0.1:40001>"

@@ -1,0 +1,236 @@
+"""The relay of one process: its members' pools and listeners, its workers and acceptor.
+
+# design:
+# A DataPlane is what a dvara process needs to serve clients: for each member a bounded
+# pool and the member's listener (handed in by the control plane, which opens it), the
+# relay, the fixed worker pool (Dispatcher) and the acceptor. With --processes 1 the
+# Server runs one DataPlane beside discovery and they share the Member objects; with
+# --processes N each worker process runs one, fed with members and their states by the
+# parent (dvara_lib.worker). A process's part of every limit (server connections per
+# member, clients in all, clients per IP) and of the connection-id space comes from its
+# ``Share``, so the processes together never exceed the configured limits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import socket
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+from dvara_lib import __version__, auth, wire
+from dvara_lib.acceptor import Acceptor
+from dvara_lib.client import Budget, ClientIO, Tee
+from dvara_lib.discovery import connect, hello_request, run_hello
+from dvara_lib.dispatch import Dispatcher
+from dvara_lib.errors import ConnectionFailure, ProtocolError
+from dvara_lib.metrics import MemberMetrics, Metrics
+from dvara_lib.pool import Pool, PoolStats
+from dvara_lib.relay import Relay
+from dvara_lib.topology import Member, Topology
+
+if TYPE_CHECKING:
+    from dvara_lib.config import Settings
+    from dvara_lib.handoff import Sender
+
+log = logging.getLogger("dvara.dataplane")
+
+_CONNECT_TIMEOUT = 10.0
+#: How long stopping waits for the workers once their clients and connections are cut.
+_WORKER_STOP_WAIT = 5.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Share:
+    """This process's part of the whole: process ``index`` of ``count``."""
+
+    index: int = 0
+    count: int = 1
+
+    def part(self, total: int) -> int:
+        """This process's part of total, the parts summing to total."""
+        return total // self.count + (1 if self.index < total % self.count else 0)
+
+    def limits(self, settings: "Settings") -> "Settings":
+        """settings with every limit that the processes share cut to this one's part."""
+        if self.count == 1:
+            return settings
+        return dataclasses.replace(
+            settings, max_connections=self.part(settings.max_connections),
+            min_idle_connections=self.part(settings.min_idle_connections),
+            max_client_connections=self.part(settings.max_client_connections),
+            max_per_client_connections=max(1, self.part(settings.max_per_client_connections)))
+
+
+class _PoolMetrics(PoolStats):
+    """Pool events as member measures (its open and in-use counts are read live)."""
+
+    def __init__(self, stats: MemberMetrics) -> None:
+        self.stats = stats
+
+    def created(self) -> None:
+        self.stats.incr("server.created")
+
+    def closed(self) -> None:
+        self.stats.incr("server.closed")
+
+    def checkout_wait(self, seconds: float) -> None:
+        self.stats.observe("server.checkout_wait", seconds)
+
+    def checkout_timeout(self) -> None:
+        self.stats.incr("server.checkout_timeouts")
+
+    def held(self, seconds: float) -> None:
+        self.stats.observe("server.held", seconds)
+
+
+class DataPlane:
+    """Methods for the control plane: start, add_member, remove_member, checked,
+    apply_settings, adopt, stop, status, dead_thread.
+
+    ``wake(member)`` asks discovery to check a member soon (a server connection failed,
+    or a reply said the member changed).
+    """
+
+    def __init__(self, settings: "Settings", topology: Topology, metrics: Metrics,
+                 wake: Callable[[Member], None], share: Share = Share()) -> None:
+        self.share = share
+        self.settings = share.limits(settings)
+        self.topology = topology
+        self.metrics = metrics
+        self.wake = wake
+        s = self.settings
+        tee = Tee(s.tee_file) if s.tee_file else None
+        self.io = ClientIO(Budget(share.part(s.max_buffered_bytes)), s.message_timeout,
+                           s.worker_linger, tee, first_id=share.index + 1, id_step=share.count)
+        self.relay = Relay(s, topology, self._handback, on_server_failure=wake,
+                           on_state_change=self._state_changed)
+        # As many pinned workers as one member's pins can need (each holds a connection).
+        self.dispatcher = Dispatcher(s.workers, max(2, min(s.workers, s.max_connections)),
+                                     self.relay.serve, self.relay.serve_parked)
+        self.acceptor = Acceptor(s, self.dispatcher, self.relay, self.io)
+        self.relay.others_waiting = self.dispatcher.waiting
+        self.relay.acceptor_busy = lambda: self.acceptor.draining
+        topology.on_change(self.acceptor.topology_changed)
+
+    def start(self) -> None:
+        self.acceptor.start()
+
+    def _handback(self, client: Any, verdict: Any, parked: Any) -> None:
+        self.acceptor.handback(client, verdict, parked)
+
+    def _state_changed(self, member: Member, shutting_down: bool) -> None:
+        """A relayed reply said member is no longer what clients think (SDAM error)."""
+        self.topology.suspect(member)
+        if shutting_down:
+            member.pool.clear()
+        self.wake(member)
+
+    # -- members --------------------------------------------------------------------------
+    def add_member(self, real: str, proxy: str, port: int, listener: socket.socket,
+                   max_wire_version: int = 0) -> Member:
+        """Serve member real on listener (the control plane opened it)."""
+        s = self.settings
+        stats = self.metrics.member(real)
+        pool = Pool(real, lambda: self._connect(member), s.max_connections,
+                    s.min_idle_connections, s.server_idle_timeout, _PoolMetrics(stats))
+        stats.live_gauge("server.open", lambda: pool.open_count)
+        stats.live_gauge("server.in_use", lambda: pool.in_use)
+        member = Member(real, proxy, port, pool, stats)
+        member.max_wire_version = max_wire_version
+        self.topology.add(member)
+        self.acceptor.add_listener(listener, member)
+        return member
+
+    def remove_member(self, member: Member) -> None:
+        """Stop accepting for member; its clients finish what is in flight and are closed."""
+        self.topology.remove(member)
+        self.acceptor.retire(member)
+        member.pool.close()
+        self.metrics.forget(member.real)
+
+    @staticmethod
+    def checked(member: Member, was_up: bool) -> None:
+        """A check of member was applied: retire its pool if it went down, else keep the
+        pool's idle connections fresh (runs in the thread that applies checks)."""
+        if was_up and not member.up:
+            member.pool.clear()
+        elif member.up:
+            member.pool.maintain()
+
+    def _connect(self, member: Member) -> socket.socket:
+        """A pooled server connection: TCP connect plus the proxy's own handshake."""
+        timeout = self.settings.message_timeout
+        auth.check_backoff(member.real)         # no new connection while logins fail
+        sock = connect(member.address, min(timeout, _CONNECT_TIMEOUT))
+        try:
+            hello = run_hello(sock, hello_request(member.max_wire_version, True, __version__))
+            auth.login(sock, hello, member.real)    # the proxy's own account
+            wire.set_io_timeout(sock, timeout)
+        except (ConnectionFailure, ProtocolError, OSError) as exc:
+            sock.close()
+            if isinstance(exc, ConnectionFailure):
+                raise
+            raise ConnectionFailure(f"handshake with {member.real} failed: {exc}") from exc
+        return sock
+
+    # -- settings, status -------------------------------------------------------------------
+    def apply_settings(self, settings: "Settings") -> None:
+        """Use new settings for everything that can change while running (SIGHUP)."""
+        old, new = self.settings, self.share.limits(settings)
+        self.settings = new
+        self.relay.apply_settings(new)
+        self.acceptor.settings = new
+        self.io.write_timeout = new.message_timeout
+        self.io.linger = new.worker_linger
+        self.io.budget.limit = self.share.part(new.max_buffered_bytes)
+        for member in self.topology.members():
+            member.pool.resize(new.max_connections, new.min_idle_connections,
+                               new.server_idle_timeout)
+            if new.message_timeout != old.message_timeout:
+                member.pool.clear()     # new connections take the new time-out
+
+    def status(self) -> dict[str, Any]:
+        """What this process serves: clients, and per member its pool and clients."""
+        per_member = self.acceptor.clients_per_member()
+        members = {m.real: {"open": m.pool.open_count, "in_use": m.pool.in_use,
+                            "waiting": m.pool.waiting, "max": m.pool.max_size,
+                            "clients": per_member.get(m.real, 0)}
+                   for m in self.topology.members()}
+        return {"clients": self.acceptor.counts(), "members": members}
+
+    def dead_thread(self) -> Optional[str]:
+        """The name of this plane's thread that died, if one did."""
+        return None if self.acceptor.is_alive() else self.acceptor.name
+
+    # -- hand-over and stop -----------------------------------------------------------------
+    def adopt(self, sock: socket.socket, meta: dict[str, Any]) -> bool:
+        """Take over a client handed over by the process this one replaces."""
+        member = self.topology.get(meta["member"])
+        if member is None:
+            sock.close()
+            return False
+        self.acceptor.adopt(sock, meta, member)
+        return True
+
+    def stop(self, timeout: float, sender: Optional["Sender"] = None) -> None:
+        """Stop accepting; between two messages close every client (or hand it to the new
+        process); wait up to timeout for messages in flight, then cut what is left. The
+        workers are stopped before the acceptor closes its descriptors."""
+        acceptor = self.acceptor
+        if acceptor.is_alive():
+            acceptor.drain(sender)
+            if not acceptor.drained.wait(timeout):
+                log.warning("%d client(s) still busy or pinned after %.1fs; closing them",
+                            acceptor.counts()["clients"], timeout)
+        acceptor.abort_busy()
+        for member in self.topology.members():
+            member.pool.abort()
+        self.dispatcher.shutdown(wait_seconds=_WORKER_STOP_WAIT)
+        if acceptor.is_alive():
+            acceptor.stop()
+            acceptor.join(timeout)
+        for member in self.topology.members():
+            member.pool.close()
+        if self.io.tee is not None:
+            self.io.tee.close()
