@@ -127,9 +127,10 @@ class DataPlane:
         self.wake(member)
 
     # -- members --------------------------------------------------------------------------
-    def add_member(self, real: str, proxy: str, port: int, listener: socket.socket,
+    def add_member(self, real: str, proxy: str, port: int, listeners: list[socket.socket],
                    max_wire_version: int = 0) -> Member:
-        """Serve member real on listener (the control plane opened it)."""
+        """Serve member real on its listener (the control plane opened it)."""
+        [listener] = listeners
         s = self.settings
         stats = self.metrics.member(real)
         pool = Pool(real, lambda: self._connect(member), s.max_connections,

@@ -31,17 +31,18 @@ _MAX_PACKET = 4 * 1024 * 1024
 MAX_BUFFERED = 1024 * 1024
 
 
-def encode_listen_fds(fds: dict[int, int]) -> str:
-    return ",".join(f"{port}={fd}" for port, fd in fds.items())
+def encode_listen_fds(fds: dict[int, list[int]]) -> str:
+    """port=fd[:fd...],... (one listening socket per process, all on the port)."""
+    return ",".join(f"{port}={':'.join(map(str, group))}" for port, group in fds.items())
 
 
-def inherited_listeners() -> dict[int, int]:
-    """port → listening fd passed down by the process we replace."""
+def inherited_listeners() -> dict[int, list[int]]:
+    """port → listening fds passed down by the process we replace."""
     text = os.environ.pop(LISTEN_FDS_ENV, "")
     out = {}
     for item in filter(None, text.split(",")):
-        port, _, fd = item.partition("=")
-        out[int(port)] = int(fd)
+        port, _, fds = item.partition("=")
+        out[int(port)] = [int(fd) for fd in fds.split(":")]
     return out
 
 

@@ -50,7 +50,7 @@ def replace_process(server: "Server") -> bool:
     listeners = server.listener_fds()
     env = {**os.environ, handoff.LISTEN_FDS_ENV: handoff.encode_listen_fds(listeners),
            handoff.HANDOFF_ENV: sender.path}
-    fds = list(listeners.values())
+    fds = [fd for group in listeners.values() for fd in group]
     if server.pidfile is not None and server.pidfile.lock_fd is not None:
         env[LOCK_FD_ENV] = str(server.pidfile.lock_fd)
         fds.append(server.pidfile.lock_fd)

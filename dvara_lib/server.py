@@ -59,7 +59,9 @@ class Server:
         self.discovery: Optional[DiscoveryThread] = None
         self.ports: Optional[PortBook] = None
         self.plane: Any = None           # a DataPlane, or a WorkerSet (--processes N)
-        self.listeners: dict[int, socket.socket] = {}   # proxy port -> listening socket
+        #: proxy port -> its listening sockets, one per process (SO_REUSEPORT: the
+        #: kernel spreads a port's new connections over the processes)
+        self.listeners: dict[int, list[socket.socket]] = {}
         self.started = time.time()
         self._signals: queue.SimpleQueue[int] = queue.SimpleQueue()
         self._services: list[Any] = []
@@ -146,11 +148,11 @@ class Server:
                       "for the replica set; clients cannot reach this member through dvara",
                       real, s.port_start, s.port_end)
             return None
-        sock = _listen(s.listen_host, port, self._inherited)
-        self.listeners[port] = sock
+        socks = _listen(s.listen_host, port, self._inherited.pop(port, []), s.processes)
+        self.listeners[port] = socks
         max_wire = int(hello.get("maxWireVersion", 0)) if hello is not None else 0
         member = self.plane.add_member(real, format_address(s.advertise_host, port), port,
-                                       sock, max_wire)
+                                       socks, max_wire)
         log.info("proxying member %s on %s", real, member.proxy)
         return member
 
@@ -159,13 +161,14 @@ class Server:
         log.info("member %s left the replica set; closing its listener %s",
                  member.real, member.proxy)
         self.plane.remove_member(member)
-        sock = self.listeners.pop(member.proxy_port, None)
-        if sock is not None and self.settings.processes > 1:
-            sock.close()                # with one process the acceptor closes it
+        socks = self.listeners.pop(member.proxy_port, [])
+        if self.settings.processes > 1:
+            for sock in socks:          # with one process the acceptor closes it
+                sock.close()
 
-    def listener_fds(self) -> dict[int, int]:
-        """proxy port → listening socket fd, for the process that will replace this one."""
-        return {port: sock.fileno() for port, sock in list(self.listeners.items())}
+    def listener_fds(self) -> dict[int, list[int]]:
+        """proxy port → listening socket fds, for the process that will replace this one."""
+        return {port: [s.fileno() for s in socks] for port, socks in list(self.listeners.items())}
 
     def _start_services(self) -> None:
         """The metrics emitter and admin endpoint, when configured."""
@@ -285,19 +288,30 @@ class Server:
         return status_document(self)
 
 
-def _listen(host: str, port: int, inherited: dict[int, int]) -> socket.socket:
-    """A listening socket for one member (inherited on a graceful restart).
+def _listen(host: str, port: int, inherited: list[int], count: int) -> list[socket.socket]:
+    """count listening sockets on one port (SO_REUSEPORT), the ones the process we replace
+    passed down first. Can raise ConfigError if the port is taken.
 
-    Can raise ConfigError if the port is taken.
+    With SO_REUSEPORT a second dvara could bind the same port without an error and take
+    half its clients: the port is first bound once without it, to be sure it is free.
     """
-    if port in inherited:
-        return socket.socket(fileno=inherited.pop(port))
+    socks = [socket.socket(fileno=fd) for fd in inherited]
+    for extra in socks[count:]:
+        extra.close()               # the new dvara runs fewer processes than the old one
+    socks = socks[:count]
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
-        return socket.create_server((host, port), family=family, backlog=4096)
+        if not socks:
+            socket.create_server((host, port), family=family).close()
+        while len(socks) < count:
+            socks.append(socket.create_server((host, port), family=family, backlog=4096,
+                                              reuse_port=True))
     except OSError as exc:
+        for sock in socks:
+            sock.close()
         raise ConfigError(f"--port-start/--port-end: cannot listen on {host}:{port}: "
                           f"{exc.strerror or exc}") from exc
+    return socks
 
 
 def _raise_fd_limit() -> None:

@@ -68,6 +68,7 @@ def status_document(server: "Server") -> dict[str, Any]:
         "uptime_s": round(time.time() - server.started, 1),
         "set_name": server.topology.set_name if server.topology else None,
         "processes": server.settings.processes,
+        "workers": plane.get("workers", []),
         "members": members,
         "clients": {"connected": counts["clients"], "busy": counts["busy"],
                     "max": server.settings.max_client_connections},

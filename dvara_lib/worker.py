@@ -115,7 +115,7 @@ class Worker:
     def _add_member(self, message: dict[str, Any], fd: int) -> None:
         state = message["state"]
         member = self.plane.add_member(message["real"], message["proxy"], message["port"],
-                                       socket.socket(fileno=fd), state["max_wire_version"])
+                                       [socket.socket(fileno=fd)], state["max_wire_version"])
         self.topology.apply_state(member, state)
 
     def _state(self, real: str, state: dict[str, Any]) -> None:

@@ -3,9 +3,10 @@
 # design:
 # The parent keeps discovery, the listeners, signals, the pidfile, the metrics services
 # and the restart; each of N worker processes (dvara_lib.worker) runs a DataPlane of its
-# own on the same listening sockets (inherited descriptors: whichever process accepts
-# first serves the client). The WorkerSet stands in the Server's place for a local
-# DataPlane: it passes each member (and its listener, by SCM_RIGHTS), each member state
+# own; each has its own listening socket on every member's port (SO_REUSEPORT: the
+# kernel spreads new connections over them). The WorkerSet stands in the Server's place
+# for a local DataPlane: it passes each member (and worker i's listener, by
+# SCM_RIGHTS; the parent keeps them all, for a restarted worker), each member state
 # discovery finds (the parent's answer and topologyVersion counter, so that every
 # process answers hellos alike), settings, adopted clients and drain orders to the
 # workers over one control channel each, and adds up what they report (metrics, status).
@@ -69,7 +70,7 @@ class WorkerSet:
         self.wake = wake
         self.count = settings.processes
         self._workers: dict[int, _Worker] = {}
-        self._listeners: dict[str, socket.socket] = {}    # member -> its listener
+        self._listeners: dict[str, list[socket.socket]] = {}   # member -> one per worker
         self._retired: dict[str, _MemberState] = {}       # numbers of workers that died
         self._lock = threading.Lock()
         self._selector = selectors.DefaultSelector()
@@ -92,13 +93,14 @@ class WorkerSet:
                 raise OSError(f"worker {worker.index} did not start within "
                               f"{_START_TIMEOUT:.0f}s")
 
-    def add_member(self, real: str, proxy: str, port: int, listener: socket.socket,
+    def add_member(self, real: str, proxy: str, port: int, listeners: list[socket.socket],
                    max_wire_version: int = 0) -> Member:
         member = Member(real, proxy, port, None, self.metrics.member(real))
         member.max_wire_version = max_wire_version
-        self._listeners[real] = listener
+        self._listeners[real] = listeners
         self.topology.add(member)
-        self._broadcast(self._member_message(member), [listener.fileno()])
+        for worker in list(self._workers.values()):
+            self._send(worker, self._member_message(member), [listeners[worker.index].fileno()])
         return member
 
     def remove_member(self, member: Member) -> None:
@@ -131,8 +133,11 @@ class WorkerSet:
         """The workers' status, added up."""
         clients = {"clients": 0, "busy": 0}
         members: dict[str, dict[str, int]] = {}
-        for worker in list(self._workers.values()):
+        workers = []
+        for worker in sorted(self._workers.values(), key=lambda w: w.index):
             reply = worker.channel.request({"op": "status"}, _REQUEST_TIMEOUT)
+            workers.append({"index": worker.index, "pid": worker.proc.pid,
+                            "clients": reply["clients"]["clients"] if reply else None})
             if reply is None:
                 continue
             for key in clients:
@@ -141,7 +146,7 @@ class WorkerSet:
                 mine = members.setdefault(real, dict.fromkeys(numbers, 0))
                 for key, value in numbers.items():
                     mine[key] += value
-        return {"clients": clients, "members": members}
+        return {"clients": clients, "members": members, "workers": workers}
 
     def dead_thread(self) -> Optional[str]:
         return None if self._thread.is_alive() else self._thread.name
@@ -161,8 +166,9 @@ class WorkerSet:
                 worker.proc.wait(5)
         for worker in list(self._workers.values()):
             worker.channel.close()
-        for listener in self._listeners.values():
-            listener.close()
+        for listeners in self._listeners.values():
+            for listener in listeners:
+                listener.close()
 
     # -- workers ------------------------------------------------------------------------------
     def _launch(self, index: int) -> None:
@@ -177,7 +183,8 @@ class WorkerSet:
         channel.send({"op": "start", "process_id": self.topology.process_id,
                       "set_name": self.topology.set_name, "settings": self.settings})
         for member in self.topology.members():
-            channel.send(self._member_message(member), [self._listeners[member.real].fileno()])
+            channel.send(self._member_message(member),
+                         [self._listeners[member.real][index].fileno()])
         with self._lock:
             self._workers[index] = worker
             self._selector.register(channel.sock, selectors.EVENT_READ, worker)
@@ -191,12 +198,16 @@ class WorkerSet:
     def _broadcast_state(self, member: Member) -> None:
         self._broadcast({"op": "state", "real": member.real, "state": member.shared_state()})
 
-    def _broadcast(self, message: dict[str, Any], fds: list[int] = ()) -> None:
+    def _broadcast(self, message: dict[str, Any]) -> None:
         for worker in list(self._workers.values()):
-            try:
-                worker.channel.send(message, fds)
-            except ChannelClosed:
-                pass                      # it died: the reader thread restarts it
+            self._send(worker, message)
+
+    @staticmethod
+    def _send(worker: _Worker, message: dict[str, Any], fds: list[int] = ()) -> None:
+        try:
+            worker.channel.send(message, fds)
+        except ChannelClosed:
+            pass                          # it died: the reader thread starts it again
 
     # -- the reader thread --------------------------------------------------------------------
     def _run(self) -> None:
