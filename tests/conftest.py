@@ -7,7 +7,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from tests.helpers import Dvara, Secantus
+from tests.helpers import Dvara, RawClient, Secantus
 
 
 @pytest.fixture(scope="module")
@@ -39,3 +39,19 @@ def start_dvara(tmp_path: Path) -> Iterator[Callable[..., Dvara]]:
     yield start
     for proxy in started:
         proxy.stop()
+
+
+@pytest.fixture()
+def raw_client() -> Iterator[Callable[..., RawClient]]:
+    """Open a RawClient(port, timeout=...); every client opened is closed at teardown,
+    whether the test passed or not."""
+    opened: list[RawClient] = []
+
+    def open_client(port: int, timeout: float = 10.0) -> RawClient:
+        client = RawClient(port, timeout)
+        opened.append(client)
+        return client
+
+    yield open_client
+    for client in opened:
+        client.close()

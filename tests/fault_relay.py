@@ -103,6 +103,9 @@ class FaultRelay:
 
     def close(self) -> None:
         self._running = False
+        if self._thread.ident is None:       # never started: nothing else owns the sockets
+            self._release()
+            return
         self._command("stop", b"")
         self._thread.join(10)
 
@@ -129,12 +132,15 @@ class FaultRelay:
                     else:
                         self._forward(*key.data)
         finally:
-            for pair in list(self._pairs):
-                self._close_pair(pair, rst=True)
-            self._selector.close()
-            self._listener.close()
-            self._wake_r.close()
-            self._wake_w.close()
+            self._release()
+
+    def _release(self) -> None:
+        for pair in list(self._pairs):
+            self._close_pair(pair, rst=True)
+        self._selector.close()
+        self._listener.close()
+        self._wake_r.close()
+        self._wake_w.close()
 
     def _run_commands(self) -> None:
         try:

@@ -79,15 +79,26 @@ def require(tool: str) -> str:
 
 
 class Process:
-    """A child process with its output in a log file; stopped by stop()."""
+    """A child process with its output in a log file; stopped by stop() (or a with block).
+
+    The child writes the log through its own copy of the descriptor: ours is closed as
+    soon as the child is started, so nothing is left open when a test only waits for the
+    child to exit, or when starting it fails.
+    """
 
     def __init__(self, argv: list[str], log_path: Path, env: Optional[dict] = None) -> None:
         self.argv = argv
         self.log_path = log_path
-        self._log = open(log_path, "ab")
-        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env=env, cwd=ROOT,
-                                     start_new_session=True)
+        with open(log_path, "ab") as log:
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, env=env, cwd=ROOT,
+                                         start_new_session=True)
+
+    def __enter__(self) -> "Process":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     @property
     def pid(self) -> int:
@@ -101,18 +112,28 @@ class Process:
             os.kill(self.proc.pid, sig)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> Optional[int]:
+        """Signal the child (once resumed, if stopped) and reap it; its exit status."""
         if self.proc.poll() is None:
             try:
                 os.kill(self.proc.pid, signal.SIGCONT)
                 os.kill(self.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+            try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
-            except ProcessLookupError:
-                pass
-        self._log.close()
         return self.proc.returncode
+
+    def _started(self, ready: Callable[[], bool], what: str, timeout: float) -> None:
+        """Wait until ready() or the child exits; a child that is not ready is stopped."""
+        try:
+            wait_until(lambda: ready() or self.proc.poll() is not None, what, timeout)
+            assert self.proc.poll() is None, self.log()
+        except BaseException:
+            self.stop(signal.SIGKILL)
+            raise
 
 
 class Secantus(Process):
@@ -123,8 +144,7 @@ class Secantus(Process):
         self.tmp = tmp
         self.extra = extra
         super().__init__(self._argv(), tmp / f"secantus-{self.port}.log")
-        wait_until(lambda: self._listening() or self._died(), "SecantusDB to listen", 60)
-        assert self.proc.poll() is None, self.log()
+        self._started(self._listening, "SecantusDB to listen", 60)
 
     def _argv(self) -> list[str]:
         return [require("secantusd-py"), "--host", "127.0.0.1", "--port", str(self.port),
@@ -135,9 +155,6 @@ class Secantus(Process):
         out = subprocess.run(["ss", "-ltnpH", f"( sport = :{self.port} )"],
                              capture_output=True, text=True).stdout
         return f"pid={self.pid}," in out
-
-    def _died(self) -> bool:
-        return self.proc.poll() is not None
 
     @property
     def address(self) -> str:
@@ -165,9 +182,7 @@ class Dvara(Process):
         full_env = {**os.environ, **(env or {})}
         super().__init__(argv, tmp / f"dvara-{self.port_start}.log", full_env)
         if wait:
-            wait_until(lambda: "dvara is ready" in self.log() or self.proc.poll() is not None,
-                       "dvara to start", 60)
-            assert self.proc.poll() is None, self.log()
+            self._started(lambda: "dvara is ready" in self.log(), "dvara to start", 60)
 
     def uri(self, **options: Any) -> str:
         line = next(l for l in self.log().splitlines() if "connect with:" in l)
@@ -181,10 +196,17 @@ class Dvara(Process):
 
 
 class RawClient:
-    """A client that speaks raw wire frames over a plain socket."""
+    """A client that speaks raw wire frames over a plain socket; close() it, or use it in a
+    with block (or the raw_client fixture, which closes every client at teardown)."""
 
     def __init__(self, port: int, timeout: float = 10.0) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+
+    def __enter__(self) -> "RawClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)

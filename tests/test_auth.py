@@ -217,8 +217,8 @@ def test_wrong_password_and_unknown_user_get_code_18(gated: Dvara):
     assert "client login failed from 127.0.0.1 as 'app'" in gated.log()
 
 
-def test_commands_before_login_get_unauthorized(gated: Dvara):
-    raw = RawClient(gated.port)
+def test_commands_before_login_get_unauthorized(gated: Dvara, raw_client):
+    raw = raw_client(gated.port)
     for allowed in ({"hello": 1}, {"isMaster": 1}, {"ping": 1}, {"buildInfo": 1}):
         assert raw.command(allowed)["ok"] == 1, allowed
     for refused, db in (({"find": "logins"}, "authdb"), ({"insert": "logins", "documents": [{}]},
@@ -267,10 +267,10 @@ def test_a_read_only_user_reads_but_cannot_write(gated: Dvara):
     with client(gated, APP_USER, APP_PASSWORD) as writer:
         assert writer.authdb.ro.count_documents({}) == 5
     # a legacy write opcode has no reply: the connection is closed
-    raw = RawClient(gated.port)
-    assert raw_login(raw, READER, READER_PASSWORD)["ok"] == 1
-    raw.send(_op_insert("authdb.ro", {"_id": 100}))
-    assert raw.closed_by_peer()
+    with RawClient(gated.port) as raw:
+        assert raw_login(raw, READER, READER_PASSWORD)["ok"] == 1
+        raw.send(_op_insert("authdb.ro", {"_id": 100}))
+        assert raw.closed_by_peer()
 
 
 def test_other_mechanisms_are_refused_clearly(gated: Dvara):

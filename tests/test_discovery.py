@@ -135,22 +135,22 @@ def test_member_map_pins_ports(rs_factory, start_dvara):
     assert _hello(pinned)["me"] == f"127.0.0.1:{pinned}"
 
 
-def test_range_too_small_at_start_exits_2(rs_factory, tmp_path: Path):
+def test_range_too_small_at_start_exits_2(rs_factory, start_dvara):
     rs = rs_factory(["primary", "secondary", "secondary"])
-    proxy = Dvara(tmp_path, rs.primary(), ports=1, wait=False)
+    proxy = start_dvara(rs.primary(), ports=1, wait=False)
     assert proxy.proc.wait(30) == 2
     assert "--port-start/--port-end" in proxy.log()
 
 
-def test_seeds_that_disagree_exit_with_a_clear_error(rs_factory, tmp_path: Path):
+def test_seeds_that_disagree_exit_with_a_clear_error(rs_factory, start_dvara):
     one, other = rs_factory(["primary"]), rs_factory(["primary"])
     other.set_name = "other"
-    proxy = Dvara(tmp_path, f"{one.primary()},{other.primary()}", wait=False)
+    proxy = start_dvara(f"{one.primary()},{other.primary()}", wait=False)
     assert proxy.proc.wait(30) == 1
     assert "disagree on the replica set name" in proxy.log()
 
 
-def test_no_seed_answering_exits_with_a_clear_error(tmp_path: Path):
-    proxy = Dvara(tmp_path, f"127.0.0.1:{free_port()}", wait=False)
+def test_no_seed_answering_exits_with_a_clear_error(start_dvara):
+    proxy = start_dvara(f"127.0.0.1:{free_port()}", wait=False)
     assert proxy.proc.wait(60) == 1
     assert "no seed answered" in proxy.log()

@@ -16,7 +16,7 @@ import struct
 import threading
 import time
 import urllib.request
-from typing import Any, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import pytest
 from pymongo import MongoClient
@@ -135,12 +135,33 @@ def assert_hello_prompt(port: int, limit: float = 1.0) -> None:
     assert took < limit, f"hello took {took:.2f}s"
 
 
-def connected_raw(port: int) -> RawClient:
-    """A raw client that has been served once (its next message uses the pool)."""
-    client = RawClient(port, timeout=MT + 10)
-    # (right after a fault, the member may still be marked down for a moment)
-    wait_until(lambda: client.command({"ping": 1})["ok"] == 1.0, "a ping to be served")
-    return client
+@pytest.fixture()
+def connected_raw(raw_client) -> Callable[[int], RawClient]:
+    """connected_raw(port): a raw client that has been served once (its next message uses
+    the pool); closed at teardown."""
+
+    def connect(port: int) -> RawClient:
+        client = raw_client(port, timeout=MT + 10)
+        # (right after a fault, the member may still be marked down for a moment)
+        wait_until(lambda: client.command({"ping": 1})["ok"] == 1.0, "a ping to be served")
+        return client
+
+    return connect
+
+
+@pytest.fixture()
+def start_load() -> Iterator[Callable[[str], Load]]:
+    """start_load(uri): a started Load; stopped (threads joined, client closed) at teardown."""
+    loads: list[Load] = []
+
+    def start(uri: str) -> Load:
+        load = Load(uri)
+        loads.append(load)
+        return load.start()
+
+    yield start
+    for load in loads:
+        load.stop()
 
 
 def assert_still_up(proxy: Any, pid: int) -> None:
@@ -161,14 +182,15 @@ def finish_load(load: Load, proxy: Any, pid: int, direct: str, healed: float) ->
 # -- members failing ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
-def test_member_killed_or_restarted_under_load(tmp_path, start_dvara, how):
+def test_member_killed_or_restarted_under_load(tmp_path, start_dvara, connected_raw,
+                                                start_load, how):
     data = ("--storage-path", str(tmp_path / "data"), "--sync-on-commit")
     backend = Secantus(tmp_path, None, *data)
     try:
         proxy = start_dvara(backend.address, *MT_ARGS)
         pid = proxy.pid
         raw = connected_raw(proxy.port)
-        load = Load(proxy.uri()).start()
+        load = start_load(proxy.uri())
         load.wait_acks(30)
         backend.stop(getattr(signal, how))
         down = time.monotonic()
@@ -181,11 +203,12 @@ def test_member_killed_or_restarted_under_load(tmp_path, start_dvara, how):
         backend.stop()
 
 
-def test_member_hung_by_sigstop_under_load(fresh_secantus, start_dvara):
+def test_member_hung_by_sigstop_under_load(fresh_secantus, start_dvara, connected_raw,
+                                           start_load):
     proxy = start_dvara(fresh_secantus.address, *MT_ARGS)
     pid = proxy.pid
     raws = [connected_raw(proxy.port) for _ in range(3)]
-    load = Load(proxy.uri()).start()
+    load = start_load(proxy.uri())
     load.wait_acks(30)
     fresh_secantus.send_signal(signal.SIGSTOP)
     try:
@@ -208,16 +231,18 @@ def relayed(fresh_secantus, start_dvara):
     """(proxy, relay, backend): dvara reaches the member only through a FaultRelay."""
     relay = FaultRelay(("127.0.0.1", fresh_secantus.port), advertise=True)
     relay.start()
-    proxy = start_dvara(relay.address, *MT_ARGS)
-    assert f"proxying member {relay.address}" in proxy.log()
-    yield proxy, relay, fresh_secantus
-    relay.close()
+    try:
+        proxy = start_dvara(relay.address, *MT_ARGS)
+        assert f"proxying member {relay.address}" in proxy.log()
+        yield proxy, relay, fresh_secantus
+    finally:
+        relay.close()
 
 
-def test_network_drop_under_load(relayed):
+def test_network_drop_under_load(relayed, connected_raw, start_load):
     proxy, relay, backend = relayed
     pid = proxy.pid
-    load = Load(proxy.uri()).start()
+    load = start_load(proxy.uri())
     load.wait_acks(30)
     for _ in range(3):                       # connections reset under the load, 3 times
         relay.drop()
@@ -233,11 +258,11 @@ def test_network_drop_under_load(relayed):
     finish_load(load, proxy, pid, direct_uri(backend.port), time.monotonic())
 
 
-def test_network_blackhole_under_load(relayed):
+def test_network_blackhole_under_load(relayed, connected_raw, start_load):
     proxy, relay, backend = relayed
     pid = proxy.pid
     raws = [connected_raw(proxy.port) for _ in range(2)]
-    load = Load(proxy.uri()).start()
+    load = start_load(proxy.uri())
     load.wait_acks(30)
     relay.set_mode(BLACKHOLE)
     holed = time.monotonic()
@@ -258,10 +283,10 @@ GARBAGE_REPLIES = {
 }
 
 
-def test_member_answering_garbage_under_load(relayed):
+def test_member_answering_garbage_under_load(relayed, connected_raw, start_load):
     proxy, relay, backend = relayed
     pid = proxy.pid
-    load = Load(proxy.uri()).start()
+    load = start_load(proxy.uri())
     load.wait_acks(30)
     for name, garbage in GARBAGE_REPLIES.items():
         raw = connected_raw(proxy.port)
@@ -285,7 +310,8 @@ def _member_ports(proxy: Any) -> dict[str, int]:
 WORKERS = 4
 
 
-def test_hung_member_leaves_other_members_clients_alone(start_dvara):
+def test_hung_member_leaves_other_members_clients_alone(start_dvara, connected_raw,
+                                                        raw_client):
     """A 2-member set where the secondary hangs on every find, with more clients waiting
     on it than dvara has workers: the hung member never holds every worker, so the
     primary's clients keep their latency and hello answers on both listeners. The
@@ -333,7 +359,7 @@ def test_hung_member_leaves_other_members_clients_alone(start_dvara):
         latencies.sort()
         assert latencies[len(latencies) // 2] < 0.05 and latencies[-1] < 0.5, latencies[-5:]
         release.set()
-        fresh = RawClient(ports[secondary.name])
+        fresh = raw_client(ports[secondary.name])
         assert wait_until(lambda: fresh.command({"find": "y", "$db": "x"})["ok"] == 1.0,
                           "the secondary to serve again")
         assert_still_up(proxy, pid)
@@ -355,7 +381,11 @@ class Bystander:
     def __init__(self, uri: str) -> None:
         self.client = MongoClient(uri, serverSelectionTimeoutMS=10000)
         self.coll = self.client.faults.known
-        self.coll.insert_many([{"_id": i, "v": f"value {i}"} for i in range(50)])
+        try:
+            self.coll.insert_many([{"_id": i, "v": f"value {i}"} for i in range(50)])
+        except BaseException:
+            self.client.close()
+            raise
 
     def check(self, rounds: int = 2) -> None:
         for _ in range(rounds):
@@ -534,7 +564,7 @@ def _answered(clients: list[RawClient], timeout: float) -> set[int]:
     return ready
 
 
-def test_file_descriptors_running_short(secantus, start_dvara):
+def test_file_descriptors_running_short(secantus, start_dvara, connected_raw):
     proxy = start_dvara(secantus.address, *MT_ARGS)
     pid = proxy.pid
     warm = connected_raw(proxy.port)        # one pooled server connection, kept idle
@@ -590,7 +620,7 @@ def _served_from(source: str, port: int) -> Optional[RawClient]:
     return None
 
 
-def test_client_limits_reject_cleanly(secantus, start_dvara):
+def test_client_limits_reject_cleanly(secantus, start_dvara, connected_raw):
     proxy = start_dvara(secantus.address, "--max-client-connections", "6",
                         "--max-per-client-connections", "3")
     admitted = [connected_raw(proxy.port) for _ in range(3)]

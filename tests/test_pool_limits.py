@@ -11,7 +11,7 @@ import time
 from pymongo import MongoClient
 
 from dvara_lib import wire
-from tests.helpers import ROOT, RawClient, Secantus, wait_until
+from tests.helpers import ROOT, Secantus, wait_until
 
 MONITORING = 1  # dvara's own monitoring connection per member
 
@@ -98,11 +98,11 @@ def _w0_insert(doc: dict) -> bytes:
                         "$db": "limits"}, flags=wire.MORE_TO_COME)
 
 
-def test_pool_exhaustion_gives_an_error_reply(secantus, start_dvara):
+def test_pool_exhaustion_gives_an_error_reply(secantus, start_dvara, raw_client):
     proxy = start_dvara(secantus.address, "--max-connections", "1", "--pool-wait-timeout", "1s")
-    holder = RawClient(proxy.port)
+    holder = raw_client(proxy.port)
     holder.send(_w0_insert({"x": 1}))       # pins the only server connection to holder
-    waiter = RawClient(proxy.port)
+    waiter = raw_client(proxy.port)
     start = time.monotonic()
     reply = waiter.command({"ping": 1})
     waited = time.monotonic() - start
@@ -112,14 +112,13 @@ def test_pool_exhaustion_gives_an_error_reply(secantus, start_dvara):
     assert 0.9 <= waited < 8, waited
     assert holder.command({"ping": 1})["ok"] == 1.0   # runs on the pin, then releases it
     assert waiter.command({"ping": 1})["ok"] == 1.0
-    holder.close()
-    waiter.close()
 
 
-def test_stopped_backend_frees_workers_after_message_timeout(fresh_secantus, start_dvara):
+def test_stopped_backend_frees_workers_after_message_timeout(fresh_secantus, start_dvara,
+                                                             raw_client):
     proxy = start_dvara(fresh_secantus.address, "--message-timeout", "2s", "--workers", "2",
                         "--max-connections", "2")
-    clients = [RawClient(proxy.port, timeout=20) for _ in range(2)]
+    clients = [raw_client(proxy.port, timeout=20) for _ in range(2)]
     for c in clients:
         assert c.command({"ping": 1})["ok"] == 1.0
     fresh_secantus.send_signal(signal.SIGSTOP)
@@ -133,7 +132,6 @@ def test_stopped_backend_frees_workers_after_message_timeout(fresh_secantus, sta
         assert time.monotonic() - start < 15
     finally:
         fresh_secantus.send_signal(signal.SIGCONT)
-    fresh = RawClient(proxy.port)
+    fresh = raw_client(proxy.port)
     assert wait_until(lambda: fresh.command({"ping": 1})["ok"] == 1.0, "a worker to serve", 20)
     assert "did not answer within" in proxy.log()
-    fresh.close()

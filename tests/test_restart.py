@@ -148,8 +148,8 @@ def test_sigterm_under_load_finishes_in_flight_and_exits_0(secantus, tmp_path: P
             wait_until(lambda: len(load.acked) > 50, "load to run", 30)
             proxy.send_signal(signal.SIGTERM)
             assert proxy.proc.wait(30) == 0
-        stored = {d["_id"] for d in MongoClient(
-            f"mongodb://{secantus.address}/?directConnection=true").restart.docs.find()}
+    with MongoClient(f"mongodb://{secantus.address}/?directConnection=true") as direct:
+        stored = {d["_id"] for d in direct.restart.docs.find()}
     assert set(load.acked) <= stored
     assert "received SIGTERM; draining" in proxy.log()
 
@@ -187,10 +187,10 @@ def test_failed_restart_keeps_the_old_process_serving(secantus, tmp_path: Path):
     proxy.stop()
 
 
-def test_second_dvara_on_the_same_pidfile_refuses(secantus, tmp_path: Path):
+def test_second_dvara_on_the_same_pidfile_refuses(secantus, tmp_path: Path, start_dvara):
     pidfile = tmp_path / "dvara.pid"
-    first = Dvara(tmp_path, secantus.address, "--pidfile", str(pidfile))
-    second = Dvara(tmp_path, secantus.address, "--pidfile", str(pidfile), wait=False)
+    first = start_dvara(secantus.address, "--pidfile", str(pidfile))
+    second = start_dvara(secantus.address, "--pidfile", str(pidfile), wait=False)
     assert second.proc.wait(30) == 1
     assert f"another dvara (pid {first.pid}) is running" in second.log()
     assert _pid(pidfile) == first.pid

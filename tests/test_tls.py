@@ -93,9 +93,9 @@ def test_pipelined_messages_in_one_tls_write(both_sides: Callable[..., Dvara], c
 def test_a_plain_client_is_refused_on_a_tls_listener(both_sides: Callable[..., Dvara],
                                                      certs: Certs):
     proxy = both_sides()
-    raw = RawClient(proxy.port)
-    raw.send(hello_frame())
-    assert raw.closed_by_peer()
+    with RawClient(proxy.port) as raw:
+        raw.send(hello_frame())
+        assert raw.closed_by_peer()
     with MongoClient(proxy.uri(), **FAST) as plain:
         with pytest.raises(ServerSelectionTimeoutError):
             plain.admin.command("ping")
