@@ -8,12 +8,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import signal
 import socket
 import subprocess
 import urllib.request
 from pathlib import Path
+from typing import Any, Callable, Iterator
+
 from prometheus_client.parser import text_string_to_metric_families
 from pymongo import MongoClient
 
@@ -43,6 +46,23 @@ def _ping(proxy: Dvara) -> float:
         return client.admin.command("ping")["ok"]
 
 
+@contextlib.contextmanager
+def _running(proxy: Dvara) -> Iterator[Dvara]:
+    """proxy, stopped on the way out."""
+    try:
+        yield proxy
+    finally:
+        proxy.stop()
+
+
+def _settle(predicate: Callable[[], Any], seconds: float) -> bool:
+    """wait_until without the failure: poll up to `seconds`; the predicate's last value."""
+    try:
+        return bool(wait_until(predicate, "settling", seconds))
+    except AssertionError:
+        return False
+
+
 def _exited_or_logged(proxy: Dvara, pattern: str) -> bool:
     return proxy.proc.poll() is not None or re.search(pattern, proxy.log()) is not None
 
@@ -60,21 +80,18 @@ def test_sighup_with_an_admin_addr_in_use_keeps_serving(secantus, tmp_path: Path
     old_admin = f"127.0.0.1:{free_port()}"
     conf = tmp_path / "dvara.conf"
     conf.write_text(f"admin-addr = {old_admin}\n")
-    proxy = Dvara(tmp_path, secantus.address, "-c", str(conf))
-    with socket.create_server(("127.0.0.1", 0)) as taken:
-        try:
-            pid = proxy.pid
-            assert _ping(proxy) == 1.0 and _healthz(old_admin) == "ok"
-            conf.write_text(f"admin-addr = 127.0.0.1:{taken.getsockname()[1]}\n")
-            proxy.send_signal(signal.SIGHUP)
-            wait_until(lambda: _exited_or_logged(proxy, RELOAD_FAILED),
-                       "dvara to log the failed reload", RELOAD_WAIT)
-            assert proxy.proc.poll() is None, \
-                f"dvara exited ({proxy.proc.returncode}) on SIGHUP:\n{proxy.log()[-2000:]}"
-            assert proxy.pid == pid and _ping(proxy) == 1.0
-            assert _healthz(old_admin) == "ok", "the old admin endpoint stopped answering"
-        finally:
-            proxy.stop()
+    with socket.create_server(("127.0.0.1", 0)) as taken, \
+            _running(Dvara(tmp_path, secantus.address, "-c", str(conf))) as proxy:
+        pid = proxy.pid
+        assert _ping(proxy) == 1.0 and _healthz(old_admin) == "ok"
+        conf.write_text(f"admin-addr = 127.0.0.1:{taken.getsockname()[1]}\n")
+        proxy.send_signal(signal.SIGHUP)
+        wait_until(lambda: _exited_or_logged(proxy, RELOAD_FAILED),
+                   "dvara to log the failed reload", RELOAD_WAIT)
+        assert proxy.proc.poll() is None, \
+            f"dvara exited ({proxy.proc.returncode}) on SIGHUP:\n{proxy.log()[-2000:]}"
+        assert proxy.pid == pid and _ping(proxy) == 1.0
+        assert _healthz(old_admin) == "ok", "the old admin endpoint stopped answering"
 
 
 def _write(client: LegacyClient, tag: str, n: int) -> None:
@@ -86,13 +103,14 @@ def test_sighup_applies_get_last_error_timeout(tmp_path: Path):
     released after about 1 s, and a later getLastError is answered as after a timed-out
     pin (n: 0 from the proxy, nothing sent to the server). Today the relay keeps 1m
     although the log says the setting was applied."""
-    mongod = Mongod24()
     admin = f"127.0.0.1:{free_port()}"
     conf = tmp_path / "dvara.conf"
     conf.write_text(f"get-last-error-timeout = 1m\nmax-connections = 1\nadmin-addr = {admin}\n")
-    proxy = Dvara(tmp_path, mongod.address, "-c", str(conf))
-    client = LegacyClient(proxy.port, timeout=30)
-    try:
+    with contextlib.ExitStack() as stack:
+        mongod = Mongod24()
+        stack.callback(mongod.stop)
+        proxy = stack.enter_context(_running(Dvara(tmp_path, mongod.address, "-c", str(conf))))
+        client = stack.enter_context(contextlib.closing(LegacyClient(proxy.port, timeout=30)))
         conf.write_text(f"get-last-error-timeout = 1s\nmax-connections = 1\n"
                         f"admin-addr = {admin}\n")
         proxy.send_signal(signal.SIGHUP)
@@ -104,11 +122,7 @@ def test_sighup_applies_get_last_error_timeout(tmp_path: Path):
         _write(client, tag, 4)
         wait_until(lambda: mongod.find(kind="insert", tag=tag), "the write to arrive")
         # Past the new 1 s (pins are checked every 0.5 s); today the pin holds for 1m.
-        try:
-            wait_until(lambda: _metric(admin, "gle.pin_timeouts") > timeouts,
-                       "the pin to time out", 6)
-        except AssertionError:
-            pass
+        _settle(lambda: _metric(admin, "gle.pin_timeouts") > timeouts, 6)
         answer = client.command({"getlasterror": 1, "tag": tag})
         assert answer == {"n": 0, "connectionId": my_id, "err": None, "ok": 1.0}, (
             f"getLastError 6s after a write with get-last-error-timeout reloaded to 1s was "
@@ -116,10 +130,6 @@ def test_sighup_applies_get_last_error_timeout(tmp_path: Path):
         assert mongod.find(kind="command", tag=tag) == []
         assert _metric(admin, "gle.pin_timeouts") == timeouts + 1
         assert _metric(admin, "gle.pinned") == 0
-    finally:
-        client.close()
-        proxy.stop()
-        mongod.stop()
 
 
 # -- SIGUSR2 -------------------------------------------------------------------------------
@@ -142,8 +152,7 @@ def test_sigusr2_whose_handoff_socket_fails_keeps_serving(secantus, tmp_path: Pa
         except OSError:
             bindable = False
     assert not bindable, "a unix socket under the long TMPDIR should not be bindable"
-    proxy = Dvara(tmp_path, secantus.address, env={"TMPDIR": str(long_tmp)})
-    try:
+    with _running(Dvara(tmp_path, secantus.address, env={"TMPDIR": str(long_tmp)})) as proxy:
         pid = proxy.pid
         with MongoClient(proxy.uri(), serverSelectionTimeoutMS=10000) as client:
             assert client.admin.command("ping")["ok"] == 1.0
@@ -155,8 +164,6 @@ def test_sigusr2_whose_handoff_socket_fails_keeps_serving(secantus, tmp_path: Pa
             assert client.admin.command("ping")["ok"] == 1.0
         assert proxy.pid == pid and _ping(proxy) == 1.0
         assert _listening_pids(proxy.port) == {pid}, "another process listens on dvara's port"
-    finally:
-        proxy.stop()
 
 
 def _listening_pids(port: int) -> set[int]:

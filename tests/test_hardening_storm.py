@@ -14,6 +14,7 @@ replies interleaved or doubled, monitors closed).
 
 from __future__ import annotations
 
+import contextlib
 import selectors
 import socket
 import struct
@@ -118,11 +119,19 @@ class Storm:
 
     def __init__(self, port: int) -> None:
         self.selector = selectors.DefaultSelector()
-        self.monitors = [Monitor(n, port) for n in range(MONITORS)]
-        self.writers = [RawWriter(n, port) for n in range(RAW_WRITERS)]
+        self.monitors: list[Monitor] = []
+        self.writers: list[RawWriter] = []
         self.violations: list[str] = []
         self.answers = 0
         self.not_primary = 0
+        try:
+            for n in range(MONITORS):
+                self.monitors.append(Monitor(n, port))
+            for n in range(RAW_WRITERS):
+                self.writers.append(RawWriter(n, port))
+        except BaseException:
+            self.close()
+            raise
         for m in self.monitors:
             self.selector.register(m.sock, selectors.EVENT_READ, m)
             m.send_hello()
@@ -300,11 +309,15 @@ def test_stepdown_storm_keeps_one_owner_per_client(fresh_secantus, start_dvara):
     acknowledged insert is stored."""
     proxy = start_dvara(fresh_secantus.address, "--discovery-interval", "200ms",
                         "--max-connections", "8")
-    storm = Storm(proxy.port)
-    writers = Writers(proxy.uri())
-    stepdowns = StepDowns(fresh_secantus.address, proxy.port)
-    direct = stepdowns.client
-    try:
+    with contextlib.ExitStack() as cleanup:
+        storm = Storm(proxy.port)
+        cleanup.callback(storm.close)
+        writers = Writers(proxy.uri())
+        cleanup.callback(writers.stop)
+        stepdowns = StepDowns(fresh_secantus.address, proxy.port)
+        direct = stepdowns.client
+        cleanup.callback(direct.close)
+        cleanup.callback(lambda: stepdowns.is_alive() and stepdowns.join(30))
         storm.pump(1.0)
         stepdowns.start()
         for _ in range(int(STORM_LIMIT / 0.5)):
@@ -334,8 +347,3 @@ def test_stepdown_storm_keeps_one_owner_per_client(fresh_secantus, start_dvara):
         stored = {d["_id"] for d in direct.storm.docs.find({}, {"_id": 1})}
         missing = set(writers.acked + [i for w in storm.writers for i in w.acked]) - stored
         assert writers.acked and not missing, f"{len(missing)} acknowledged inserts missing"
-    finally:
-        writers.stop()
-        storm.close()
-        stepdowns.join(30)
-        direct.close()
