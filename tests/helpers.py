@@ -168,9 +168,13 @@ class Dvara(Process):
         full_env = {**os.environ, **(env or {})}
         super().__init__(argv, tmp / f"dvara-{self.port_start}.log", full_env)
         if wait:
-            wait_until(lambda: "dvara is ready" in self.log() or self.proc.poll() is not None,
-                       "dvara to start", 60)
-            assert self.proc.poll() is None, self.log()
+            try:
+                wait_until(lambda: "dvara is ready" in self.log() or self.proc.poll() is not None,
+                           "dvara to start", 60)
+                assert self.proc.poll() is None, self.log()
+            except AssertionError:
+                self.stop()          # no process or log file left behind
+                raise
 
     def uri(self, **options: Any) -> str:
         line = next(l for l in self.log().splitlines() if "connect with:" in l)

@@ -36,8 +36,9 @@ def test_dead_thread_makes_dvara_exit_non_zero(secantus, tmp_path: Path, thread:
     proxy = Dvara(tmp_path, secantus.address, "--graceful-timeout", f"{GRACE:g}s",
                   launcher=INJECT, env={"DVARA_INJECT": thread, "DVARA_INJECT_FLAG": str(flag)})
     try:
-        assert f"{thread} fault armed" in proxy.log() and \
-            f"of {ROOT / 'dvara_lib'}/" in proxy.log(), proxy.log()[:2000]
+        armed = f"{thread} fault armed" in proxy.log() and \
+            f"of {ROOT / 'dvara_lib'}/" in proxy.log()
+        assert armed, f"not armed in this checkout's dvara_lib:\n{proxy.log()[:2000]}"
         with MongoClient(proxy.uri(), serverSelectionTimeoutMS=10000) as client:
             assert client.admin.command("ping")["ok"] == 1.0
         flag.touch()
@@ -46,7 +47,8 @@ def test_dead_thread_makes_dvara_exit_non_zero(secantus, tmp_path: Path, thread:
         except subprocess.TimeoutExpired:
             status = None
         log = proxy.log()
-        assert "injected fault" in log, f"the {thread} fault did not fire:\n{log[-2000:]}"
+        fired = "injected fault" in log
+        assert fired, f"the {thread} fault did not fire:\n{log[-2000:]}"
         assert status is not None, (
             f"dvara still runs {EXIT_WITHIN:g}s after its {thread} thread died "
             f"(still listening: {_listens(proxy.pid)}); log tail:\n{log[-2000:]}")
