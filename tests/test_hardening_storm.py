@@ -10,6 +10,13 @@ Today a worker parks a hello (sets ``client.parked``) before its hand-back reach
 acceptor; a topology change in between submits the same client to a second worker
 (symptoms: ``AttributeError`` on ``client.parked.deadline``, "already registered",
 replies interleaved or doubled, monitors closed).
+
+How the storm makes that window likely: the member is stepped down again as soon as
+dvara says it is primary (so the SECONDARY change lands while dvara is still answering
+every parked hello for the PRIMARY one), and a few raw writers keep inserting on the
+member's port (each "not primary" reply makes dvara re-check at once: more topology
+notifications while the monitors re-park). With 12 step-downs this failed in every run
+on the code of 2026-11-30 (2 to 800 errors logged per run).
 """
 
 from __future__ import annotations
