@@ -168,14 +168,17 @@ class Secantus(Process):
 
 
 class Dvara(Process):
-    """dvara run as an operator runs it: python dvara.py with flags."""
+    """dvara run as an operator runs it: python dvara.py with flags.
+
+    launcher: a script run in place of dvara.py with the same flags (tests/inject.py).
+    """
 
     def __init__(self, tmp: Path, addrs: str, *args: str, ports: int = 3,
                  env: Optional[dict] = None, wait: bool = True,
-                 port_start: Optional[int] = None) -> None:
+                 port_start: Optional[int] = None, launcher: Optional[Path] = None) -> None:
         self.port_start = port_start or free_port_range(ports)
         self.port = self.port_start
-        argv = [sys.executable, str(ROOT / "dvara.py"), "--addrs", addrs,
+        argv = [sys.executable, str(launcher or ROOT / "dvara.py"), "--addrs", addrs,
                 "--port-start", str(self.port_start),
                 "--port-end", str(self.port_start + ports - 1),
                 "--discovery-interval", "500ms", *args]
