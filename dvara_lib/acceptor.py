@@ -116,7 +116,8 @@ class Acceptor(threading.Thread):
         self._deadlines: list[tuple[float, int, int]] = []   # (deadline, seq, client id)
         self._seq = itertools.count()
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
-        self._throttled: dict[ClientConn, None] = {}   # unread bytes left in the socket
+        self._throttled: dict[ClientConn, None] = {}   # not read: the budget is spent
+        self._more: dict[ClientConn, None] = {}        # read up to the fairness limit
         self._favoured: Optional[ClientConn] = None
         self._running = True
         self.draining = False
@@ -207,6 +208,8 @@ class Acceptor(threading.Thread):
             self._shutdown()
 
     def _timeout(self) -> float:
+        if self._more:
+            return 0.0
         if self._throttled:
             return _THROTTLE_POLL if self.io.budget.spent else 0.0
         now = time.monotonic()
@@ -327,6 +330,7 @@ class Acceptor(threading.Thread):
             if limit == 0:
                 self._throttled[client] = None
                 return
+            self._throttled.pop(client, None)
             status = client.fill(limit)
             if status is Fill.CLOSED:
                 if client.parked is not None or not client.has_frame():
@@ -340,7 +344,7 @@ class Acceptor(threading.Thread):
         else:
             client.settle()             # what a parked client sends waits in its buffer
         if unread:
-            self._throttled[client] = None
+            self._more[client] = None       # the rest at the next turn of the loop
             return
         try:
             self._selector.rearm(client.sock.fileno())
@@ -384,8 +388,12 @@ class Acceptor(threading.Thread):
         return 0
 
     def _read_throttled(self) -> None:
-        for client in list(self._throttled):
-            del self._throttled[client]
+        """Read on clients that were stopped at the fairness limit, and those held back
+        by the budget once it allows."""
+        more, self._more = self._more, {}
+        waiting = list(self._throttled) if not self.io.budget.spent or self._favoured is None \
+            else ([self._favoured] if self._favoured in self._throttled else [])
+        for client in list(more) + waiting:
             if client in self._clients and not client.busy:
                 self._advance(client, unread=True)
 
@@ -441,6 +449,7 @@ class Acceptor(threading.Thread):
             return
         self._clients.discard(client)
         self._throttled.pop(client, None)
+        self._more.pop(client, None)
         if client is self._favoured:
             self._favoured = None
         self._per_ip[client.peer_ip] -= 1
@@ -558,8 +567,8 @@ class Acceptor(threading.Thread):
 
     def _shutdown(self) -> None:
         for client in list(self._clients):
-            if not client.busy:
-                self._close(client, "shutdown")
+            client.busy = False         # the workers are stopped (or cut off) by now
+            self._close(client, "shutdown")
         for listener in list(self._listeners.values()):
             self._unregister(listener.sock)
             listener.sock.close()
