@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import signal
 import socket
@@ -170,3 +171,35 @@ def _listening_pids(port: int) -> set[int]:
     out = subprocess.run(["ss", "-ltnpH", f"( sport = :{port} )"], capture_output=True,
                          text=True).stdout
     return {int(p) for p in re.findall(r"pid=(\d+),", out)}
+
+
+def test_every_setting_sighup_applies_takes_effect(secantus, tmp_path: Path):
+    """Not the log line: the effect. After one SIGHUP the pool is bounded by the new
+    max-connections, the new max-client-connections turns a client away, the new
+    client-idle-timeout closes an idle client, the new worker-linger and message-timeout
+    are what clients see (/status config), all without a restart."""
+    admin = f"127.0.0.1:{free_port()}"
+    conf = tmp_path / "dvara.conf"
+    conf.write_text(f"admin-addr = {admin}\nmax-connections = 5\n")
+    with _running(Dvara(tmp_path, secantus.address, "-c", str(conf))) as proxy:
+        def status() -> dict[str, Any]:
+            with urllib.request.urlopen(f"http://{admin}/status", timeout=5) as reply:
+                return json.loads(reply.read())
+
+        assert status()["members"][0]["pool"]["max"] == 5
+        conf.write_text(f"admin-addr = {admin}\nmax-connections = 2\n"
+                        "max-client-connections = 2\nclient-idle-timeout = 1s\n"
+                        "worker-linger = 0\nmessage-timeout = 7s\n")
+        proxy.send_signal(signal.SIGHUP)
+        wait_until(lambda: status()["members"][0]["pool"]["max"] == 2, "the new pool bound")
+        config = status()["config"]
+        assert (config["worker_linger"], config["message_timeout"]) == (0.0, 7.0)
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as first, \
+                socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as second, \
+                socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as third:
+            assert third.recv(1) == b""                    # the third is turned away
+            for idle in (first, second):                   # the others idle out in ~1s
+                idle.settimeout(5)
+                assert idle.recv(1) == b""
+        assert _metric(admin, "clients.rejected") == 1
+        assert _metric(admin, "clients.idle_timeouts") == 2
