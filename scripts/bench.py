@@ -251,9 +251,10 @@ def _collect(results: Any, kind: str, n: int, timeout: float) -> list[Any]:
     return got
 
 
-def _reap(workers: list[Any]) -> None:
+def _reap(workers: list[Any], wait: float) -> None:
+    """Join the load processes (each gets up to wait s), then terminate, then kill."""
     for p in workers:
-        p.join(10)
+        p.join(wait)
         if p.is_alive():
             p.terminate()
             p.join(5)
@@ -285,8 +286,9 @@ def run_window(sc: Scenario, target: kit.Target, backend: kit.Target,
         start.set()
         done = _collect(results, "done", sc.procs, duration + READY_TIMEOUT)
         after = (_cpu(target), _cpu(backend), kit.system_cpu())
+        _reap(workers, 10.0)
     finally:
-        _reap(workers)
+        _reap(workers, 0.0)   # after an error or Ctrl-C: at once
         with contextlib.suppress(Exception):
             results.close()
     return _measure(done, before, after, target)

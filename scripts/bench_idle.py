@@ -332,11 +332,12 @@ def with_clients(args: argparse.Namespace, dv: kit.Target) -> dict[str, Any]:
         out.update(measure_held(args, dv, time.monotonic()))
         stop.set()
         out["done"] = _collect(results, "done", len(loads), 60)
+        for p in loads:
+            p.join(30)   # they close their sockets before dvara is stopped
         return out
     finally:
         stop.set()
         for p in loads:
-            p.join(30)
             if p.is_alive():
                 p.kill()
                 p.join(5)

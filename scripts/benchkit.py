@@ -432,7 +432,9 @@ def make_workdir() -> str:
 
 
 def on_sigterm_raise() -> Any:
-    """SIGTERM raises KeyboardInterrupt (so the same cleanup runs); returns the old handler."""
+    """SIGTERM and SIGINT raise KeyboardInterrupt (so the same cleanup runs; SIGINT too, as
+    a shell starts background jobs with it ignored); returns the old SIGTERM handler."""
     def handler(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     return signal.signal(signal.SIGTERM, handler)
