@@ -267,10 +267,6 @@ def _reap(workers: list[Any], wait: float) -> None:
             p.join(5)
 
 
-def _cpu(target: Optional[kit.Target]) -> float:
-    return kit.tree_cpu(target.proc.pid) if target and target.proc else 0.0
-
-
 def run_window(sc: Scenario, target: kit.Target, backend: kit.Target,
                duration: float) -> dict[str, Any]:
     """Start the load processes, warm them up, measure one window, collect everything."""
@@ -286,20 +282,20 @@ def run_window(sc: Scenario, target: kit.Target, backend: kit.Target,
         for p in workers:
             p.start()
         _collect(results, "ready", sc.procs, READY_TIMEOUT)
-        before = (_cpu(target), _cpu(backend), kit.system_cpu(), kit.tree_cpu(os.getpid()))
+        before = (kit.cpu_table(), kit.system_cpu())
         start.set()
         done = _collect(results, "done", sc.procs, duration + READY_TIMEOUT)
-        after = (_cpu(target), _cpu(backend), kit.system_cpu(), kit.tree_cpu(os.getpid()))
+        after = (kit.cpu_table(), kit.system_cpu())
         _reap(workers, 10.0)
     finally:
         _reap(workers, 0.0)   # after an error or Ctrl-C: at once
         with contextlib.suppress(Exception):
             results.close()
-    return _measure(done, before, after, target)
+    return _measure(done, before, after, target, backend)
 
 
 def _measure(done: list[dict[str, Any]], before: tuple, after: tuple,
-             target: kit.Target) -> dict[str, Any]:
+             target: kit.Target, backend: kit.Target) -> dict[str, Any]:
     lat = array.array("d")
     for d in done:
         lat.frombytes(d["lat"])
@@ -307,7 +303,8 @@ def _measure(done: list[dict[str, Any]], before: tuple, after: tuple,
     ops, errors = sum(d["ops"] for d in done), sum(d["errors"] for d in done)
     window = max(max(d["t1"] for d in done) - min(d["t0"] for d in done), 1e-9)
     messages = ops + errors
-    proxy_cpu = after[0] - before[0] if target.proc else None
+    proxy_cpu = _delta(target, before, after) if target.proc else None
+    backend_cpu = _delta(backend, before, after)
     return {
         "ops": ops, "errors": errors, "window_s": round(window, 3),
         "first_error": next((d["first_error"] for d in done if d["first_error"]), None),
@@ -316,19 +313,23 @@ def _measure(done: list[dict[str, Any]], before: tuple, after: tuple,
         "proxy_cpu_s": proxy_cpu,
         "proxy_cpu_us_per_msg": proxy_cpu / messages * 1e6 if proxy_cpu is not None
         and messages else None,
-        "backend_cpu_us_per_msg": (after[1] - before[1]) / messages * 1e6 if messages else None,
+        "backend_cpu_us_per_msg": backend_cpu / messages * 1e6 if messages else None,
         **_busy(before, after),
     }
 
 
+def _delta(t: kit.Target, before: tuple, after: tuple) -> float:
+    return kit.tree_cpu(t.proc.pid, after[0]) - kit.tree_cpu(t.proc.pid, before[0])
+
+
 def _busy(before: tuple, after: tuple) -> dict[str, float]:
-    """The machine's busy % over the window, and the part of it that was not ours (not the
-    benchmark's own process tree: load processes, proxies, backend)."""
-    busy = after[2][0] - before[2][0]
-    total = max(after[2][1] - before[2][1], 1)
-    ours = (after[3] - before[3]) * kit.CLK_TCK
-    return {"machine_busy_pct": round(100.0 * busy / total, 1),
-            "others_busy_pct": round(max(0.0, 100.0 * (busy - ours) / total), 1)}
+    """The machine's busy % over the window, and the share used by user-space processes
+    the benchmark did not start (its own tree: load processes, proxies, backend)."""
+    total = max(after[1][1] - before[1][1], 1)   # jiffies, all CPUs
+    me = os.getpid()
+    others = kit.others_cpu(me, after[0]) - kit.others_cpu(me, before[0])
+    return {"machine_busy_pct": round(100.0 * (after[1][0] - before[1][0]) / total, 1),
+            "others_busy_pct": round(max(0.0, 100.0 * others * kit.CLK_TCK / total), 1)}
 
 
 def percentile(sorted_vals: list[float], q: float) -> float:
@@ -459,7 +460,7 @@ NOTES = ("msg/s: replies per second counted by the clients. Proxy CPU: utime+sti
          "proxy's whole process tree over the window (children included), divided by the "
          "messages the clients counted; n/a for direct (no proxy). × haproxy: this path's "
          "median over haproxy's. p50/p99: per-message round trip seen by the clients. "
-         "Others' CPU: the share of the machine used during the window by processes the "
+         "Others' CPU: the share of the machine used during the window by user processes the "
          "benchmark did not start (median, and the most in any kept window); a window where "
          "it passed --max-others % was run again, at most --retries times.")
 

@@ -121,7 +121,20 @@ def tree_pids(root: int) -> list[int]:
     return _descendants(root, _all_processes())
 
 
-def tree_cpu(root: int) -> float:
+def cpu_table() -> dict[int, tuple[int, int]]:
+    """One scan of /proc, for tree_cpu() and others_cpu() at one instant."""
+    return _all_processes()
+
+
+def others_cpu(own_root: int, table: dict[int, tuple[int, int]]) -> float:
+    """CPU seconds (cumulative, as in tree_cpu) of every user-space process outside
+    own_root's tree; kernel threads (kthreadd, pid 2, and its children, e.g. ksoftirqd
+    carrying our own loopback traffic) are left out."""
+    skip = set(_descendants(own_root, table)) | set(_descendants(2, table))
+    return sum(cpu for pid, (_, cpu) in table.items() if pid not in skip) / CLK_TCK
+
+
+def tree_cpu(root: int, table: Optional[dict[int, tuple[int, int]]] = None) -> float:
     """CPU seconds of a process tree: the sum, over root and its live descendants, of
     utime + stime + cutime + cstime.
 
@@ -131,7 +144,7 @@ def tree_cpu(root: int) -> float:
     that parent's cutime/cstime, so it is still in the end sample. Lost: a child reaped
     outside the tree (orphaned to init) between the two samples.
     """
-    table = _all_processes()
+    table = _all_processes() if table is None else table
     return sum(table[p][1] for p in _descendants(root, table)) / CLK_TCK
 
 
