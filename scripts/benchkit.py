@@ -377,8 +377,9 @@ def source_info(ref: Optional[str]) -> dict[str, str]:
                 f"(--dvara-ref {ref})"}
     dirty = _git("status", "--porcelain", "--", "dvara.py", "dvara_lib").splitlines()
     extra = f" plus {len(dirty)} changed/new file(s)" if dirty else ""
-    return {"commit": commit, "describe": describe,
-            "source": f"working tree at commit {commit}{extra}"}
+    changed = _git("log", "-1", "--format=%h", "--", "dvara.py", "dvara_lib") or "unknown"
+    return {"commit": commit, "describe": describe, "source_commit": changed,
+            "source": f"working tree at commit {commit} (dvara's code as of {changed}){extra}"}
 
 
 def _extract_ref(dest: str, ref: str) -> None:
