@@ -451,8 +451,8 @@ def header(run: dict[str, Any]) -> str:
             f"Machine: {m['hostname']}, {m['nproc']} CPU(s) {m['cpu_model']}, Linux "
             f"{m['kernel']}, {m['implementation']} {m['python']}, pymongo {run['pymongo']}, "
             f"haproxy {run['haproxy']}; load average at start {m['loadavg_at_start']}.  \n"
-            f"dvara measured: {run['source']['source']} (git describe "
-            f"{run['source']['describe']}).  \n"
+            f"dvara measured: {run['source']['source']}; git describe "
+            f"{run['source']['describe']}.  \n"
             f"Command: `{run['command']}`; {run['rounds']} rounds × {run['duration']:g} s per "
             f"path, interleaved, medians over rounds. Backend: {run['backend']}.  \n"
             f"Paths: {paths}.")

@@ -414,8 +414,8 @@ def report(run: dict[str, Any], rows: list[dict[str, Any]], args: argparse.Names
            f"Machine: {m['hostname']}, {m['nproc']} CPU(s) {m['cpu_model']}, Linux "
            f"{m['kernel']}, {m['implementation']} {m['python']}; load average at start "
            f"{m['loadavg_at_start']}.  ",
-           f"dvara measured: {run['source']['source']} (git describe "
-           f"{run['source']['describe']}). Backend: {run['backend']}.  ",
+           f"dvara measured: {run['source']['source']}; git describe "
+           f"{run['source']['describe']}. Backend: {run['backend']}.  ",
            f"Command: `{run['command']}`: {args.clients:,} clients from load processes of at "
            f"most {args.per_process:,}; one in {args.parked_every} parks an awaitable hello "
            f"(maxAwaitTimeMS {args.max_await_ms}, late if over it by more than "

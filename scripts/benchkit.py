@@ -379,7 +379,7 @@ def source_info(ref: Optional[str]) -> dict[str, str]:
     extra = f" plus {len(dirty)} changed/new file(s)" if dirty else ""
     changed = _git("log", "-1", "--format=%h", "--", "dvara.py", "dvara_lib") or "unknown"
     return {"commit": commit, "describe": describe, "source_commit": changed,
-            "source": f"working tree at commit {commit} (dvara's code as of {changed}){extra}"}
+            "source": f"working tree at commit {commit}, dvara's code as of {changed}{extra}"}
 
 
 def _extract_ref(dest: str, ref: str) -> None:
