@@ -408,6 +408,18 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def verdict(r: dict[str, Any]) -> str:
+    """The guardrail's yes/no parts (KB per client and ping latency are read by eye)."""
+    missed = [text for bad, text in (
+        (r["admitted"] < r["clients"], "not every client was admitted"),
+        (r["late"] or r["overdue"], "parked hellos were late or unanswered"),
+        (r["threads_most"] > r["threads_before"], "the thread count grew"),
+        (r["ping_with"]["failure"] or r["ping_with"]["errors"], "pings failed")) if bad]
+    return "Guardrail: " + ("; ".join(missed) if missed else
+                            "every client admitted, every parked hello on time, "
+                            "no new threads") + "."
+
+
 def report(run: dict[str, Any], rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     m = run["machine"]
     out = [f"## dvara idle clients, {m['date']}", "",
@@ -433,7 +445,8 @@ def report(run: dict[str, Any], rows: list[dict[str, Any]], args: argparse.Names
             extra.append(f"{r['early']} parked hello(s) answered early, "
                          f"{r['closed_by_server']} client(s) closed by dvara")
         out.append(f"- {r['variant']}: {r['processes']} process(es); clients connected in "
-                   f"{r['connect_s']} s" + "".join(f"; {e}" for e in extra) + ".")
+                   f"{r['connect_s']} s" + "".join(f"; {e}" for e in extra) + ". "
+                   f"{verdict(r)}")
     return "\n".join(out)
 
 
