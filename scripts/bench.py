@@ -1,35 +1,52 @@
 #!/usr/bin/env python3
-"""Benchmark dvara: the same load direct to a backend and through dvara, side by side.
+"""Benchmark dvara beside haproxy, a bare Python relay and no proxy at all, interleaved.
 
-    python scripts/bench.py [--duration 3] [--concurrency 1,16,64]
-                            [--workloads pymongo,raw] [--dvara-workers N]
-                            [--max-connections 8] [--quiet-wait 20] [--json FILE]
-                            [--dvara-ref COMMIT]
+    python scripts/bench.py [--rounds 3] [--duration 4] [--workloads raw,pymongo]
+                            [--raw-clients 1x1,2x16] [--pymongo-clients 2x8]
+                            [--paths direct,haproxy,floor,dvara]
+                            [--dvara-variant NAME=ARGS ...] [--dvara-ref COMMIT]
+                            [--floor-relay FILE] [--haproxy EXE]
+                            [--quiet-wait 20] [--quiet-threshold 25]
+                            [--max-others 15] [--retries 2] [--json FILE]
+    python scripts/bench.py idle --help     # the idle-clients scenario (scripts/bench_idle.py)
 
-Workloads (each at every concurrency, i.e. that many concurrent client connections):
+Every path ends at one canned backend (scripts/canned_backend.c, built with cc -O2 at start;
+scripts/canned_backend.py if there is no compiler), which answers a ping in microseconds,
+so a proxy's cost is what shows:
 
-- pymongo: threads in several processes loop over ping, a small insert_one and a
-  find_one by the _id just inserted, against SecantusDB.
-- raw: pre-encoded OP_MSG {ping: 1, $db: "admin"} frames over plain sockets (one epoll
-  loop per process), against SecantusDB and against a canned-reply backend
-  (scripts/canned_backend.py) that costs almost nothing per message, so the proxied
-  number is dvara's own ceiling on this machine.
+- direct: clients talk to the backend;
+- haproxy: Debian's haproxy in TCP mode (`haproxy -f FILE -db`, its default thread count);
+- floor: --floor-relay (default ../shared/tools/floor_relay.py beside the repository), a
+  thread-per-client CPython relay with nothing else: the floor of a Python proxy. Left out,
+  with a note, when the file is missing (so is haproxy when it is not installed);
+- one column per --dvara-variant NAME=ARGS: dvara with those extra arguments (default one
+  variant, `dvara=`), e.g. --dvara-variant 'p1=' --dvara-variant 'p2=--processes 2'.
 
-For every cell it reports ops/s, p50/p99 latency, their proxied/direct ratios, dvara's
-CPU time per message it handled (utime+stime from /proc/<pid>/stat over the measured
-window, divided by the change of dvara's own ``requests`` counter read from its admin
-endpoint, or by the client-side count when that is unavailable), and the most backend
-connections seen (``ss -tnH state established '( sport = :PORT )'``, sampled every
-0.25 s during the window).
+Workloads, each a set of "PROCSxN" scenarios (load processes x clients in each):
+- raw (1x1 and 2x16): pre-encoded OP_MSG {ping: 1} frames, one in flight per socket, one
+  epoll loop per load process; costs the client little, so it shows the proxy's ceiling.
+- pymongo (2x8): 8 threads per process loop over admin.command("ping") on one
+  MongoClient. Every path, dvara included, is reached with directConnection=true and
+  serverMonitoringMode=poll: a replica-set URI would make the driver go to the member
+  the hello names (the backend itself for haproxy and the floor relay), and the
+  streaming monitor would spin against the canned backend, which answers an awaitable
+  hello at once, burning CPU in the client and in every proxy on the way. dvara's own URI
+  names the same single port, so the driver sends the same messages on every path.
 
-The machine is assumed shared: before each cell it waits (up to --quiet-wait seconds) for
-the CPU to be less than --quiet-threshold % busy, and reports the background load it saw.
+Interleaving: each proxy is started once for the whole run. In each of --rounds rounds,
+for each scenario, the benchmark waits (at most --quiet-wait s) for the machine to be
+quiet, prints the background load, then runs every path once, in order, for --duration s.
+The machine is assumed shared: a window during which processes the benchmark did not start
+used more than --max-others % of the machine is run again (at most --retries times, after
+another quiet wait); the quietest attempt is kept and the table shows its share.
+The table gives, per path, the median over rounds of msg/s, of the proxy's CPU per
+message and of p50/p99 latency, and ratios to haproxy's medians. Proxy CPU per message is
+the utime+stime (plus that of reaped children) of the proxy's whole process tree over the
+window (see benchkit.tree_cpu), divided by the replies the clients counted.
 
-dvara runs from a copy of dvara.py and dvara_lib/ taken when the benchmark starts (from
-the working tree, or from git with --dvara-ref), so edits made meanwhile do not mix in.
-
-Everything it starts (backends, one fresh dvara per cell, load processes) listens on or
-connects to 127.0.0.1 only and is stopped at exit, also on Ctrl-C or an error.
+dvara runs from a copy of dvara.py and dvara_lib/ taken at start (the working tree, or
+--dvara-ref). Everything listens on and connects to loopback only and is stopped at exit,
+also on Ctrl-C or an error.
 """
 
 from __future__ import annotations
@@ -37,939 +54,600 @@ from __future__ import annotations
 import argparse
 import array
 import contextlib
-import datetime
-import io
 import json
 import multiprocessing as mp
 import os
-import platform
-import re
 import select
 import shutil
 import signal
 import socket
+import statistics
 import struct
-import subprocess
 import sys
-import tarfile
-import tempfile
 import threading
 import time
-import urllib.request
+from importlib import metadata
 from typing import Any, Optional
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+import benchkit as kit
 
-from dvara_lib import wire  # noqa: E402
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-MAX_LOAD_PROCS = 4
-WARMUP_OPS = 20
-START_TIMEOUT = 60.0
-SS_INTERVAL = 0.25
-# dvara counters read from /metrics (admin endpoint) before and after each window.
-DVARA_COUNTERS = ("requests", "requests_with_reply", "hello_answered", "errors_proxy",
-                  "errors_timeout", "errors_bad_frame", "server_created", "server_closed",
-                  "server_checkout_timeouts", "clients_rejected")
-
-
-# --------------------------------------------------------------------------- helpers
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, timeout: float, proc: Optional[subprocess.Popen] = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process {proc.args!r} exited with {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"127.0.0.1:{port} did not accept within {timeout:.0f}s")
-
-
-def proc_cpu_split(pid: int) -> tuple[float, float]:
-    """(utime, stime) of a process, in seconds (all its threads)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK   # fields 14 and 15 of stat
-
-
-def proc_cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, in seconds (all its threads)."""
-    return sum(proc_cpu_split(pid))
-
-
-def system_cpu() -> tuple[float, float]:
-    """(busy, total) jiffies of the whole machine, from /proc/stat."""
-    with open("/proc/stat") as f:
-        vals = [int(v) for v in f.readline().split()[1:]]
-    idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
-    total = sum(vals[:8])
-    return total - idle, total
-
-
-def background_busy(seconds: float = 1.0) -> float:
-    """Percent of the machine's CPU busy over a short sample, before the benchmark loads it."""
-    b0, t0 = system_cpu()
-    time.sleep(seconds)
-    b1, t1 = system_cpu()
-    return 100.0 * (b1 - b0) / max(t1 - t0, 1)
-
-
-def wait_quiet(max_wait: float, threshold: float) -> float:
-    """Wait (at most max_wait s) until the machine is below threshold % busy; return the last
-    reading (the background load just before a cell)."""
-    deadline = time.monotonic() + max_wait
-    busy = background_busy(1.0)
-    while busy > threshold and time.monotonic() < deadline:
-        busy = background_busy(1.0)
-    return busy
-
-
-def count_established(port: int) -> int:
-    """Established TCP connections whose local port is port (server side)."""
-    if shutil.which("ss"):
-        try:
-            out = subprocess.run(["ss", "-tnH", "state", "established", f"( sport = :{port} )"],
-                                 capture_output=True, text=True, timeout=5).stdout
-            return sum(1 for line in out.splitlines() if line.strip())
-        except (OSError, subprocess.SubprocessError):
-            pass
-    n = 0
-    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(path) as f:
-                next(f)
-                for line in f:
-                    parts = line.split()
-                    if parts[3] == "01" and int(parts[1].rsplit(":", 1)[1], 16) == port:
-                        n += 1
-        except OSError:
-            pass
-    return n
-
-
-class ConnSampler(threading.Thread):
-    """Samples count_established(port) every SS_INTERVAL until stopped; keeps the max."""
-
-    def __init__(self, port: int) -> None:
-        super().__init__(daemon=True)
-        self.port = port
-        self.max = 0
-        self.samples = 0
-        self._halt = threading.Event()
-
-    def run(self) -> None:
-        while not self._halt.is_set():
-            self.max = max(self.max, count_established(self.port))
-            self.samples += 1
-            self._halt.wait(SS_INTERVAL)
-
-    def stop(self) -> int:
-        self._halt.set()
-        self.join(10)
-        self.max = max(self.max, count_established(self.port)) if self.samples == 0 else self.max
-        return self.max
-
-
-def percentile(sorted_vals: list[float], q: float) -> float:
-    if not sorted_vals:
-        return float("nan")
-    idx = min(len(sorted_vals) - 1, max(0, int(round(q * len(sorted_vals) + 0.5)) - 1))
-    return sorted_vals[idx]
-
-
-def machine_info() -> dict[str, Any]:
-    model = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        import pymongo
-        pymongo_version = pymongo.version
-    except ImportError:
-        pymongo_version = "absent"
-    try:
-        load = " ".join(open("/proc/loadavg").read().split()[:3])
-    except OSError:
-        load = "?"
-    return {
-        "nproc": os.cpu_count(),
-        "cpu_model": model,
-        "python": platform.python_version(),
-        "implementation": platform.python_implementation(),
-        "pymongo": pymongo_version,
-        "kernel": platform.release(),
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
-        "loadavg_at_start": load,
-    }
-
-
-def dvara_source_info(ref: Optional[str] = None) -> str:
-    """The commit dvara's code was taken from, and whether it had local changes."""
-    try:
-        head = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", ref or "HEAD"],
-                              capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--", "dvara.py",
-                                "dvara_lib"], capture_output=True, text=True,
-                               timeout=10).stdout.splitlines()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown (no git)"
-    if not head:
-        return "unknown (no git)"
-    if ref:
-        return f"commit {head} (--dvara-ref {ref})"
-    return f"commit {head}" + (f" plus {len(dirty)} changed/new file(s) in dvara_lib"
-                               if dirty else "")
-
-
-def snapshot_dvara(dest: str, ref: Optional[str] = None) -> str:
-    """Copy dvara.py and dvara_lib/ to dest (so edits made during the run do not mix in),
-    from the working tree, or from commit ref (``git archive``).
-
-    Retries a few times while the copy does not import (a file caught mid-edit).
-    Returns the path of the copied dvara.py.
-    """
-    last = ""
-    for _ in range(6):
-        shutil.rmtree(dest, ignore_errors=True)
-        os.makedirs(dest)
-        if ref:
-            archive = subprocess.run(["git", "-C", ROOT, "archive", "--format=tar", ref,
-                                      "dvara.py", "dvara_lib"], capture_output=True, timeout=60)
-            if archive.returncode:
-                raise RuntimeError(f"git archive {ref}: {archive.stderr.decode()[-500:]}")
-            with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
-                if hasattr(tarfile, "data_filter"):
-                    tar.extractall(dest, filter="data")
-                else:
-                    tar.extractall(dest)
-        else:
-            shutil.copy2(os.path.join(ROOT, "dvara.py"), dest)
-            shutil.copytree(os.path.join(ROOT, "dvara_lib"), os.path.join(dest, "dvara_lib"),
-                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        check = subprocess.run([sys.executable, "-c", "import dvara_lib.app, dvara_lib.server"],
-                               cwd=dest, capture_output=True, text=True, timeout=60)
-        if check.returncode == 0:
-            return os.path.join(dest, "dvara.py")
-        last = check.stderr[-1500:]
-        time.sleep(5)
-    raise RuntimeError(f"dvara's code does not import:\n{last}")
-
-
-# --------------------------------------------------------------------------- processes
-
-def _die_with_parent() -> None:
-    """preexec_fn: SIGTERM this child if the benchmark dies (Linux prctl)."""
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
-
-
-class Procs:
-    """Every subprocess the benchmark starts; stop_all() ends them (TERM, then KILL)."""
-
-    def __init__(self, logdir: str) -> None:
-        self.logdir = logdir
-        self.procs: list[subprocess.Popen] = []
-        self._n = 0
-
-    def start(self, name: str, args: list[str],
-              cwd: str = ROOT) -> tuple[subprocess.Popen, str, str]:
-        self._n += 1
-        out = os.path.join(self.logdir, f"{self._n:02d}-{name}.out")
-        err = os.path.join(self.logdir, f"{self._n:02d}-{name}.err")
-        with open(out, "wb") as fo, open(err, "wb") as fe:
-            proc = subprocess.Popen(args, stdout=fo, stderr=fe, stdin=subprocess.DEVNULL,
-                                    cwd=cwd, preexec_fn=_die_with_parent)
-        self.procs.append(proc)
-        return proc, out, err
-
-    def stop(self, proc: subprocess.Popen, timeout: float = 10.0) -> None:
-        if proc.poll() is None:
-            with contextlib.suppress(OSError):
-                proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(OSError):
-                    proc.kill()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(5)
-        if proc in self.procs:
-            self.procs.remove(proc)
-
-    def stop_all(self) -> None:
-        for proc in list(reversed(self.procs)):
-            self.stop(proc)
-
-
-class Backend:
-    def __init__(self, name: str, port: int, proc: subprocess.Popen, err: str) -> None:
-        self.name = name
-        self.port = port
-        self.proc = proc
-        self.err = err
-
-
-def start_secantus(procs: Procs) -> Backend:
-    exe = shutil.which("secantusd-py")
-    if exe is None:
-        raise RuntimeError("secantusd-py not found (pip install SecantusDB)")
-    port = free_port()
-    proc, _, err = procs.start("secantus", [exe, "--host", "127.0.0.1", "--port", str(port),
-                                            "--storage-path", ":memory:", "--log-level",
-                                            "WARNING"])
-    wait_port(port, START_TIMEOUT, proc)
-    return Backend("secantus", port, proc, err)
-
-
-def start_canned(procs: Procs) -> Backend:
-    port = free_port()
-    proc, _, err = procs.start("canned", [sys.executable, os.path.join(HERE, "canned_backend.py"),
-                                          "--port", str(port)])
-    wait_port(port, START_TIMEOUT, proc)
-    return Backend("canned", port, proc, err)
-
-
-class Dvara:
-    def __init__(self, proc: subprocess.Popen, uri: str, port: int,
-                 admin_port: Optional[int], err: str) -> None:
-        self.proc = proc
-        self.uri = uri
-        self.port = port
-        self.admin_port = admin_port
-        self.err = err
-
-    def counters(self) -> Optional[dict[str, float]]:
-        """dvara's counters (summed over members) from its /metrics, or None."""
-        if self.admin_port is None:
-            return None
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/metrics",
-                                        timeout=5) as resp:
-                text = resp.read().decode()
-        except OSError:
-            return None
-        out = {name: 0.0 for name in DVARA_COUNTERS}
-        for line in text.splitlines():
-            m = re.match(r"mongoproxy_([a-z_]+)_total(?:\{[^}]*\})? ([0-9.eE+-]+)$", line)
-            if m and m.group(1) in out:
-                out[m.group(1)] += float(m.group(2))
-        return out
-
-
-def start_dvara(procs: Procs, backend: Backend, args: argparse.Namespace) -> Dvara:
-    port = free_port()
-    script = getattr(args, "dvara_script", None) or os.path.join(ROOT, "dvara.py")
-    cmd = [sys.executable, script, "--addrs", f"127.0.0.1:{backend.port}",
-           "--port-start", str(port), "--port-end", str(port),
-           "--max-connections", str(args.max_connections), "--log-level", "warning",
-           "--graceful-timeout", "2s"]
-    if args.dvara_workers:
-        cmd += ["--workers", str(args.dvara_workers)]
-    admin_port = None if args.no_admin else free_port()
-    if admin_port is not None:
-        cmd += ["--admin-addr", f"127.0.0.1:{admin_port}"]
-    proc, out, err = procs.start("dvara", cmd, cwd=os.path.dirname(script))
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        with open(out) as f:
-            m = re.search(r"dvara is ready; connect with: (\S+)", f.read())
-        if m:
-            return Dvara(proc, m.group(1), port, admin_port, err)
-        if proc.poll() is not None:
-            with open(err) as f:
-                tail = f.read()[-2000:]
-            procs.stop(proc)
-            if admin_port is not None and "admin" in tail:
-                print("note: dvara refused --admin-addr; counting messages client-side",
-                      file=sys.stderr)
-                args.no_admin = True
-                return start_dvara(procs, backend, args)
-            raise RuntimeError(f"dvara exited with {proc.returncode}:\n{tail}")
-        time.sleep(0.05)
-    procs.stop(proc)
-    raise RuntimeError("dvara did not print its ready line in time")
+WARMUP = 20          # messages per connection/thread before the window
+READY_TIMEOUT = 120.0
 
 
 # --------------------------------------------------------------------------- load workers
 
-def _split(total: int, parts: int) -> list[int]:
-    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
-
-
-def _worker_common() -> None:
+def _worker_setup() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the parent stops us
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def pymongo_worker(uri: str, threads: int, duration: float, tag: str, start: Any,
-                   results: Any) -> None:
-    """Threads looping over ping, insert_one and find_one by _id, on one MongoClient."""
-    _worker_common()
+def _raw_connect(port: int, conns: int) -> tuple[list[socket.socket], list[bytes], list[int]]:
+    """conns connected sockets, each with its ping frame, warmed up and checked."""
+    socks, frames, rids = [], [], []
+    for i in range(conns):
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        rid = (os.getpid() * 1000 + i) & 0x7FFFFFFF
+        frame = kit.op_msg({"ping": 1, "$db": "admin"}, rid)
+        for _ in range(WARMUP):
+            s.sendall(frame)
+            reply = kit.read_frame(s)
+            if struct.unpack_from("<i", reply, 8)[0] != rid or kit.reply_doc(reply).get("ok") != 1:
+                raise RuntimeError(f"bad warm-up reply {kit.reply_doc(reply)!r}"[:300])
+        s.settimeout(None)
+        socks.append(s)
+        frames.append(frame)
+        rids.append(rid)
+    return socks, frames, rids
+
+
+def _raw_loop(socks: list[socket.socket], frames: list[bytes], rids: list[int],
+              duration: float) -> dict[str, Any]:
+    """Ping on every socket, one frame in flight each, until duration has passed."""
+    ep = select.epoll()
+    by_fd = {s.fileno(): i for i, s in enumerate(socks)}
+    for fd in by_fd:
+        ep.register(fd, select.EPOLLIN)
+    unpack = struct.Struct("<iii").unpack_from
+    lat, ops, errors, first_error = array.array("d"), 0, 0, None
+    bufs: dict[int, bytes] = {}
+    sent_at = [time.perf_counter()] * len(socks)
+    deadline = sent_at[0] + duration
+    for s, frame in zip(socks, frames):
+        s.sendall(frame)
+    active = len(socks)
+    while active and time.perf_counter() < deadline + 30:
+        for fd, _ in ep.poll(1.0):
+            i = by_fd[fd]
+            chunk = socks[i].recv(262144)
+            if not chunk:
+                raise RuntimeError("the server closed a connection")
+            data = bufs.pop(fd, b"") + chunk
+            if len(data) < 16 or unpack(data, 0)[0] > len(data):
+                bufs[fd] = data   # a partial reply
+                continue
+            now = time.perf_counter()
+            lat.append(now - sent_at[i])
+            if unpack(data, 0)[2] != rids[i] or b"errmsg" in data:
+                errors += 1
+                first_error = first_error or repr(data[:200])
+            else:
+                ops += 1
+            if now < deadline:
+                sent_at[i] = time.perf_counter()
+                socks[i].sendall(frames[i])
+            else:
+                active -= 1
+    ep.close()
+    if active:
+        first_error = first_error or f"{active} connection(s) never answered"
+    return {"ops": ops, "errors": errors, "first_error": first_error, "lat": lat}
+
+
+def raw_worker(port: int, conns: int, duration: float, start: Any, results: Any) -> None:
+    _worker_setup()
+    try:
+        socks, frames, rids = _raw_connect(port, conns)
+        results.put(("ready", None))
+        if not start.wait(READY_TIMEOUT):
+            raise RuntimeError("never started")
+        t0 = time.monotonic()
+        out = _raw_loop(socks, frames, rids, duration)
+        out.update(t0=t0, t1=time.monotonic(), lat=out["lat"].tobytes())
+        results.put(("done", out))   # before closing: the close is not part of the window
+        for s in socks:
+            s.close()
+    except Exception as exc:  # noqa: BLE001
+        results.put(("fail", repr(exc)[:500]))
+
+
+def _ping_thread(admin: Any, duration: float, warm: threading.Barrier, go: threading.Event,
+                 window: list[float], out: list[dict[str, Any]]) -> None:
+    lat, ops, errors, first_error = array.array("d"), 0, 0, None
+    with contextlib.suppress(Exception):
+        for _ in range(WARMUP):
+            admin.command("ping")
+    with contextlib.suppress(threading.BrokenBarrierError):
+        warm.wait(READY_TIMEOUT)
+    if go.wait(READY_TIMEOUT + 60) and window:
+        deadline, now, i = window[0] + duration, time.perf_counter(), 0
+        while now < deadline and i < 10_000_000:
+            t = now
+            try:
+                admin.command("ping")
+                ops += 1
+            except Exception as exc:  # noqa: BLE001
+                errors += 1
+                first_error = first_error or repr(exc)[:300]
+            now = time.perf_counter()
+            lat.append(now - t)
+            i += 1
+    out.append({"ops": ops, "errors": errors, "first_error": first_error, "lat": lat})
+
+
+def pymongo_worker(uri: str, threads: int, duration: float, start: Any, results: Any) -> None:
+    """threads threads looping over ping on one MongoClient."""
+    _worker_setup()
     try:
         import pymongo
-        from bson import ObjectId
-        client = pymongo.MongoClient(uri, maxPoolSize=max(threads, 1) + 2,
-                                     serverSelectionTimeoutMS=10000, socketTimeoutMS=30000,
-                                     connectTimeoutMS=10000)
-        coll = client.bench[tag]
-        admin = client.admin
-        lock = threading.Lock()
-        lats: list[array.array] = []
-        totals = {"ops": 0, "errors": 0, "misses": 0, "first_error": None}
-        warm = threading.Barrier(threads + 1)
-        go = threading.Event()
+        client = pymongo.MongoClient(uri, maxPoolSize=threads, serverSelectionTimeoutMS=10000,
+                                     socketTimeoutMS=30000, connectTimeoutMS=10000)
+        warm, go = threading.Barrier(threads + 1), threading.Event()
         window: list[float] = []
-
-        def run(tid: int) -> None:
-            lat = array.array("d")
-            ops = errors = misses = 0
-            first_error = None
-            last_id = None
-            pad = "x" * 32
-
-            def one(i: int) -> None:
-                nonlocal last_id, misses
-                k = i % 3
-                if k == 0:
-                    admin.command("ping")
-                elif k == 1:
-                    last_id = ObjectId()
-                    coll.insert_one({"_id": last_id, "t": tid, "i": i, "pad": pad})
-                else:
-                    if coll.find_one({"_id": last_id}) is None:
-                        misses += 1
-
-            try:
-                for i in range(WARMUP_OPS):
-                    one(i)
-            except Exception as exc:  # noqa: BLE001
-                first_error = f"warm-up: {exc!r}"
-            with contextlib.suppress(threading.BrokenBarrierError):
-                warm.wait(120)
-            go.wait(300)
-            if not window:
-                return
-            deadline = window[0] + duration
-            i = 0
-            now = time.perf_counter()
-            while now < deadline and i < 10_000_000:
-                t = now
-                try:
-                    one(i)
-                    ops += 1
-                except Exception as exc:  # noqa: BLE001
-                    errors += 1
-                    if first_error is None:
-                        first_error = repr(exc)[:300]
-                now = time.perf_counter()
-                lat.append(now - t)
-                i += 1
-            with lock:
-                lats.append(lat)
-                totals["ops"] += ops
-                totals["errors"] += errors
-                totals["misses"] += misses
-                totals["first_error"] = totals["first_error"] or first_error
-
-        ths = [threading.Thread(target=run, args=(t,), daemon=True) for t in range(threads)]
+        outs: list[dict[str, Any]] = []
+        ths = [threading.Thread(target=_ping_thread, daemon=True,
+                                args=(client.admin, duration, warm, go, window, outs))
+               for _ in range(threads)]
         for th in ths:
             th.start()
-        warm.wait(120)
-        results.put(("ready", os.getpid()))
-        if start.wait(300):
+        warm.wait(READY_TIMEOUT)
+        results.put(("ready", None))
+        if start.wait(READY_TIMEOUT):
             window.append(time.perf_counter())
         t0 = time.monotonic()
         go.set()
         for th in ths:
             th.join(duration + 60)
-        t1 = time.monotonic()   # before close(): its endSessions is not part of the load
-        client.close()
-        allv = array.array("d")
-        for a in lats:
-            allv.extend(a)
-        results.put(("done", {"ops": totals["ops"], "errors": totals["errors"],
-                              "misses": totals["misses"], "first_error": totals["first_error"],
-                              "t0": t0, "t1": t1, "lat": allv.tobytes()}))
-    except Exception as exc:  # noqa: BLE001
-        results.put(("fail", repr(exc)[:500]))
-
-
-def raw_worker(addr: tuple[str, int], conns: int, duration: float, tag: str, start: Any,
-               results: Any) -> None:
-    """conns sockets, each sending pre-encoded pings one at a time, on one epoll loop."""
-    _worker_common()
-    try:
-        socks: dict[int, socket.socket] = {}
-        frames: dict[int, bytes] = {}
-        rids: dict[int, int] = {}
-        for i in range(conns):
-            s = socket.create_connection(addr, timeout=10)
-            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            rid = (os.getpid() * 1000 + i) & 0x7FFFFFFF
-            frames[s.fileno()] = wire.op_msg({"ping": 1, "$db": "admin"}, req_id=rid)
-            rids[s.fileno()] = rid
-            socks[s.fileno()] = s
-        first_error = None
-        # Warm-up (blocking), checking the replies properly.
-        for fd, s in socks.items():
-            for _ in range(WARMUP_OPS):
-                s.sendall(frames[fd])
-                reply = wire.read_frame(s)
-                doc = wire.reply_document(reply)
-                if wire.response_to(reply) != rids[fd] or doc.get("ok") != 1:
-                    first_error = first_error or f"warm-up reply {doc!r}"[:300]
-        for s in socks.values():
-            s.settimeout(None)
-        ep = select.epoll()
-        for fd in socks:
-            ep.register(fd, select.EPOLLIN)
-        results.put(("ready", os.getpid()))
-        ok = start.wait(120)
-        t0 = time.monotonic()
         lat = array.array("d")
-        ops = errors = 0
-        if ok:
-            deadline = time.perf_counter() + duration
-            hard_stop = deadline + 30
-            sent_at: dict[int, float] = {}
-            bufs: dict[int, bytes] = {}
-            unpack = struct.Struct("<iii").unpack_from
-            for fd, s in socks.items():
-                sent_at[fd] = time.perf_counter()
-                s.sendall(frames[fd])
-            active = len(socks)
-            while active and time.perf_counter() < hard_stop:
-                for fd, _ in ep.poll(1.0):
-                    s = socks[fd]
-                    data = s.recv(262144)
-                    if not data:
-                        raise RuntimeError("server closed a connection")
-                    if fd in bufs:
-                        data = bufs.pop(fd) + data
-                    if len(data) < 16 or unpack(data, 0)[0] > len(data):
-                        bufs[fd] = data
-                        continue
-                    now = time.perf_counter()
-                    length, _, resp_to = unpack(data, 0)
-                    lat.append(now - sent_at[fd])
-                    if length != len(data):
-                        raise RuntimeError("unexpected extra bytes after a reply")
-                    if resp_to != rids[fd] or b"errmsg" in data:
-                        errors += 1
-                        if first_error is None:
-                            try:
-                                first_error = repr(wire.reply_document(data))[:300]
-                            except Exception:  # noqa: BLE001
-                                first_error = f"reply answers {resp_to}, not {rids[fd]}"
-                    else:
-                        ops += 1
-                    if now < deadline:
-                        sent_at[fd] = time.perf_counter()
-                        s.sendall(frames[fd])
-                    else:
-                        active -= 1
-            if active:
-                first_error = first_error or f"{active} connection(s) never answered"
-        t1 = time.monotonic()
-        ep.close()
-        for s in socks.values():
-            s.close()
-        results.put(("done", {"ops": ops, "errors": errors, "misses": 0,
-                              "first_error": first_error, "t0": t0, "t1": t1,
+        for o in outs:
+            lat.extend(o["lat"])
+        results.put(("done", {"ops": sum(o["ops"] for o in outs), "t0": t0,
+                              "errors": sum(o["errors"] for o in outs), "t1": time.monotonic(),
+                              "first_error": next((o["first_error"] for o in outs
+                                                   if o["first_error"]), None),
                               "lat": lat.tobytes()}))
+        client.close()
     except Exception as exc:  # noqa: BLE001
         results.put(("fail", repr(exc)[:500]))
 
 
-# --------------------------------------------------------------------------- one measurement
+# --------------------------------------------------------------------------- one window
 
-class Measurement(dict):
-    pass
+class Scenario:
+    """One workload at one client count: procs load processes of per_proc clients each."""
+
+    def __init__(self, workload: str, procs: int, per_proc: int) -> None:
+        self.workload, self.procs, self.per_proc = workload, procs, per_proc
+        total = procs * per_proc
+        unit = "threads" if workload == "pymongo" else "sockets"
+        self.label = str(total) if procs == 1 else f"{total} ({procs}×{per_proc} {unit})"
 
 
-def run_load(workload: str, target: str, concurrency: int, duration: float, tag: str,
-             backend: Backend, dvara: Optional[Dvara]) -> Measurement:
-    """Start the load processes, run one measured window, collect everything."""
+def pymongo_uri(port: int) -> str:
+    return f"mongodb://127.0.0.1:{port}/?directConnection=true&serverMonitoringMode=poll"
+
+
+def _collect(results: Any, kind: str, n: int, timeout: float) -> list[Any]:
+    """n messages of kind from the load processes; raises on a failure or a time-out."""
+    got, deadline = [], time.monotonic() + timeout
+    while len(got) < n:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise RuntimeError(f"load processes: {len(got)} of {n} {kind!r} in {timeout:.0f}s")
+        try:
+            k, payload = results.get(timeout=min(left, 5.0))
+        except Exception:  # noqa: BLE001  (queue.Empty)
+            continue
+        if k == "fail":
+            raise RuntimeError(f"a load process failed: {payload}")
+        got.append(payload)
+    return got
+
+
+def _reap(workers: list[Any], wait: float) -> None:
+    """Join the load processes (each gets up to wait s), then terminate, then kill."""
+    for p in workers:
+        p.join(wait)
+        if p.is_alive():
+            p.terminate()
+            p.join(5)
+        if p.is_alive():
+            p.kill()
+            p.join(5)
+
+
+def run_window(sc: Scenario, target: kit.Target, backend: kit.Target,
+               duration: float) -> dict[str, Any]:
+    """Start the load processes, warm them up, measure one window, collect everything."""
     ctx = mp.get_context("fork")
-    nprocs = min(concurrency, MAX_LOAD_PROCS)
-    start = ctx.Event()
-    results = ctx.Queue()
-    workers = []
-    for i, n in enumerate(_split(concurrency, nprocs)):
-        if workload == "pymongo":
-            p = ctx.Process(target=pymongo_worker, args=(target, n, duration, tag, start, results),
-                            daemon=True)
-        else:
-            host, port = target.rsplit(":", 1)
-            p = ctx.Process(target=raw_worker, args=((host, int(port)), n, duration, tag, start,
-                                                     results), daemon=True)
-        workers.append(p)
+    start, results = ctx.Event(), ctx.Queue()
+    if sc.workload == "pymongo":
+        fn, dest = pymongo_worker, pymongo_uri(target.port)
+    else:
+        fn, dest = raw_worker, target.port
+    workers = [ctx.Process(target=fn, args=(dest, sc.per_proc, duration, start, results),
+                           daemon=True) for _ in range(sc.procs)]
     try:
         for p in workers:
             p.start()
-        ready = 0
-        fails = []
-        deadline = time.monotonic() + 120
-        while ready + len(fails) < nprocs:
-            kind, payload = results.get(timeout=max(1.0, deadline - time.monotonic()))
-            if kind == "ready":
-                ready += 1
-            elif kind == "fail":
-                fails.append(payload)
-        if fails:
-            raise RuntimeError(f"load process failed before the window: {fails[0]}")
-        sampler = ConnSampler(backend.port)
-        before_counters = dvara.counters() if dvara else None
-        sys0 = system_cpu()
-        dvara_cpu0 = proc_cpu_split(dvara.proc.pid) if dvara else None
-        backend_cpu0 = proc_cpu_seconds(backend.proc.pid)
-        sampler.start()
-        t_start = time.monotonic()
+        _collect(results, "ready", sc.procs, READY_TIMEOUT)
+        before = (kit.cpu_table(), kit.system_cpu())
         start.set()
-        done = []
-        while len(done) + len(fails) < nprocs:
-            kind, payload = results.get(timeout=duration + 120)
-            if kind == "done":
-                done.append(payload)
-            elif kind == "fail":
-                fails.append(payload)
-        t_end = time.monotonic()
-        dvara_cpu1 = proc_cpu_split(dvara.proc.pid) if dvara else None
-        backend_cpu1 = proc_cpu_seconds(backend.proc.pid)
-        sys1 = system_cpu()
-        conns_max = sampler.stop()
-        after_counters = dvara.counters() if dvara else None
-        for p in workers:
-            p.join(30)
+        done = _collect(results, "done", sc.procs, duration + READY_TIMEOUT)
+        after = (kit.cpu_table(), kit.system_cpu())
+        _reap(workers, 10.0)
     finally:
-        for p in workers:
-            if p.is_alive():
-                p.terminate()
-                p.join(5)
-            if p.is_alive():
-                p.kill()
-                p.join(5)
+        _reap(workers, 0.0)   # after an error or Ctrl-C: at once
         with contextlib.suppress(Exception):
             results.close()
-    if fails:
-        raise RuntimeError(f"load process failed: {fails[0]}")
+    return _measure(done, before, after, target, backend)
+
+
+def _measure(done: list[dict[str, Any]], before: tuple, after: tuple,
+             target: kit.Target, backend: kit.Target) -> dict[str, Any]:
     lat = array.array("d")
-    ops = errors = misses = 0
-    first_error = None
     for d in done:
         lat.frombytes(d["lat"])
-        ops += d["ops"]
-        errors += d["errors"]
-        misses += d["misses"]
-        first_error = first_error or d["first_error"]
-    window = max(max(d["t1"] for d in done) - min(d["t0"] for d in done), 1e-9)
     vals = sorted(lat)
-    m = Measurement(
-        ops=ops, errors=errors, misses=misses, first_error=first_error,
-        window_s=round(window, 3), wall_s=round(t_end - t_start, 3),
-        ops_per_s=ops / window,
-        p50_ms=percentile(vals, 0.50) * 1000, p99_ms=percentile(vals, 0.99) * 1000,
-        mean_ms=(sum(vals) / len(vals) * 1000) if vals else float("nan"),
-        max_ms=vals[-1] * 1000 if vals else float("nan"),
-        backend_conns_max=conns_max,
-        machine_busy_pct=100.0 * (sys1[0] - sys0[0]) / max(sys1[1] - sys0[1], 1),
-        backend_cpu_s=backend_cpu1 - backend_cpu0,
-    )
+    ops, errors = sum(d["ops"] for d in done), sum(d["errors"] for d in done)
+    window = max(max(d["t1"] for d in done) - min(d["t0"] for d in done), 1e-9)
     messages = ops + errors
-    m["backend_cpu_us_per_op"] = m["backend_cpu_s"] / messages * 1e6 if messages else None
-    if dvara is not None:
-        m["dvara_utime_s"] = dvara_cpu1[0] - dvara_cpu0[0]
-        m["dvara_stime_s"] = dvara_cpu1[1] - dvara_cpu0[1]
-        m["dvara_cpu_s"] = m["dvara_utime_s"] + m["dvara_stime_s"]
-        m["client_messages"] = messages
-        counted = None
-        if before_counters is not None and after_counters is not None:
-            delta = {k: after_counters[k] - before_counters[k] for k in DVARA_COUNTERS}
-            m["dvara_counters"] = delta
-            counted = delta["requests"] or None
-        m["dvara_messages"] = counted if counted is not None else messages
-        m["dvara_messages_source"] = "dvara requests counter" if counted is not None else "client"
-        m["dvara_cpu_us_per_msg"] = (m["dvara_cpu_s"] / m["dvara_messages"] * 1e6
-                                     if m["dvara_messages"] else None)
-    return m
+    proxy_cpu = _delta(target, before, after) if target.proc else None
+    backend_cpu = _delta(backend, before, after)
+    return {
+        "ops": ops, "errors": errors, "window_s": round(window, 3),
+        "first_error": next((d["first_error"] for d in done if d["first_error"]), None),
+        "msgs_per_s": ops / window, "p50_ms": percentile(vals, 0.50) * 1e3,
+        "p99_ms": percentile(vals, 0.99) * 1e3, "max_ms": vals[-1] * 1e3 if vals else None,
+        "proxy_cpu_s": proxy_cpu,
+        "proxy_cpu_us_per_msg": proxy_cpu / messages * 1e6 if proxy_cpu is not None
+        and messages else None,
+        "backend_cpu_us_per_msg": backend_cpu / messages * 1e6 if messages else None,
+        **_busy(before, after),
+    }
 
 
-def run_cell(workload: str, backend: Backend, concurrency: int, args: argparse.Namespace,
-             procs: Procs, cell_no: int) -> dict[str, Any]:
-    tag = f"c{cell_no}_{workload}_{concurrency}"
-    if workload == "pymongo":
-        direct_target = f"mongodb://127.0.0.1:{backend.port}/?replicaSet={backend.name}"
-    else:
-        direct_target = f"127.0.0.1:{backend.port}"
-    direct = run_load(workload, direct_target, concurrency, args.duration, tag + "_d", backend,
-                      None)
-    time.sleep(0.3)   # let the direct connections close before counting proxied ones
-    dvara = start_dvara(procs, backend, args)
-    try:
-        target = dvara.uri if workload == "pymongo" else f"127.0.0.1:{dvara.port}"
-        proxied = run_load(workload, target, concurrency, args.duration, tag + "_p", backend,
-                           dvara)
-    finally:
-        procs.stop(dvara.proc)
-    with open(dvara.err, errors="replace") as f:
-        log_lines = [line.rstrip() for line in f if line.strip()]
-    proxied["dvara_log"] = log_lines[:50]
-    proxied["dvara_log_lines"] = len(log_lines)
-    return {"workload": workload, "backend": backend.name, "concurrency": concurrency,
-            "direct": dict(direct), "proxied": dict(proxied)}
+def _delta(t: kit.Target, before: tuple, after: tuple) -> float:
+    return kit.tree_cpu(t.proc.pid, after[0]) - kit.tree_cpu(t.proc.pid, before[0])
+
+
+def _busy(before: tuple, after: tuple) -> dict[str, float]:
+    """The machine's busy % over the window, and the share used by user-space processes
+    the benchmark did not start (its own tree: load processes, proxies, backend)."""
+    total = max(after[1][1] - before[1][1], 1)   # jiffies, all CPUs
+    me = os.getpid()
+    others = kit.others_cpu(me, after[0]) - kit.others_cpu(me, before[0])
+    return {"machine_busy_pct": round(100.0 * (after[1][0] - before[1][0]) / total, 1),
+            "others_busy_pct": round(max(0.0, 100.0 * others * kit.CLK_TCK / total), 1)}
+
+
+def percentile(sorted_vals: list[float], q: float) -> float:
+    if not sorted_vals:
+        return float("nan")
+    return sorted_vals[min(len(sorted_vals) - 1, max(0, int(q * len(sorted_vals))))]
+
+
+# --------------------------------------------------------------------------- the rounds
+
+def run_rounds(args: argparse.Namespace, scenarios: list[Scenario], targets: list[kit.Target],
+               backend: kit.Target) -> list[dict[str, Any]]:
+    """Every scenario, every round, every path once in order; one record per window."""
+    windows = []
+    for rnd in range(1, args.rounds + 1):
+        for sc in scenarios:
+            busy, waited = kit.wait_quiet(args.quiet_wait, args.quiet_threshold)
+            log(f"round {rnd}/{args.rounds}, {sc.workload} {sc.label}: background load "
+                f"{busy:.0f}% (waited {waited:.0f} s)")
+            for t in targets:
+                m = measure(args, sc, t, backend, [backend] + targets)
+                m.update(round=rnd, workload=sc.workload, clients=sc.label, path=t.name,
+                         kind=t.kind, background_busy_pct=round(busy, 1))
+                windows.append(m)
+    return windows
+
+
+def measure(args: argparse.Namespace, sc: Scenario, t: kit.Target, backend: kit.Target,
+            everyone: list[kit.Target]) -> dict[str, Any]:
+    """One window for one path; run again (at most --retries times, after a quiet wait) when
+    other processes used more than --max-others % of the machine during it. Keeps the
+    attempt during which others used the least."""
+    attempts: list[dict[str, Any]] = []
+    for attempt in range(args.retries + 1):
+        check_alive(everyone)
+        m = run_window(sc, t, backend, args.duration)
+        attempts.append(m)
+        log(f"    {t.name:>8}: {m['msgs_per_s']:9.0f} msg/s, proxy CPU "
+            f"{fmt(m['proxy_cpu_us_per_msg'], '{:.1f}')} µs/msg, p50 {m['p50_ms']:.3f} ms, "
+            f"errors {m['errors']}, others' CPU {m['others_busy_pct']:.0f}%")
+        if m["others_busy_pct"] <= args.max_others or attempt == args.retries:
+            break
+        busy, waited = kit.wait_quiet(args.quiet_wait, args.quiet_threshold)
+        log(f"    (others were busy; again after waiting {waited:.0f} s, background {busy:.0f}%)")
+    best = min(attempts, key=lambda a: a["others_busy_pct"])
+    best["discarded"] = [{k: a[k] for k in ("msgs_per_s", "proxy_cpu_us_per_msg",
+                                            "others_busy_pct")} for a in attempts if a is not best]
+    return best
+
+
+def check_alive(targets: list[kit.Target]) -> None:
+    for t in targets:
+        if t.proc is not None and t.proc.poll() is not None:
+            raise RuntimeError(f"{t.name} exited with {t.proc.returncode}:\n{kit.log_tail(t.proc)}")
+
+
+def _median(ws: list[dict[str, Any]], key: str) -> Optional[float]:
+    vals = [w[key] for w in ws if w.get(key) is not None and w[key] == w[key]]
+    return statistics.median(vals) if vals else None
+
+
+def summarize(windows: list[dict[str, Any]], scenarios: list[Scenario]) -> list[dict[str, Any]]:
+    """One row per scenario x path: medians over rounds, and ratios to haproxy's medians."""
+    rows = []
+    paths = list(dict.fromkeys(w["path"] for w in windows))   # in run order
+    for sc in scenarios:
+        cell = [w for w in windows if w["workload"] == sc.workload and w["clients"] == sc.label]
+        base = [w for w in cell if w["kind"] == "haproxy"]
+        for path in paths:
+            ws = [w for w in cell if w["path"] == path]
+            if not ws:
+                continue
+            row = {"workload": sc.workload, "clients": sc.label, "path": path,
+                   "rounds": len(ws), "errors": sum(w["errors"] for w in ws),
+                   "others_busy_pct_max": max(w["others_busy_pct"] for w in ws),
+                   "retried": sum(len(w["discarded"]) for w in ws),
+                   "msgs_per_s_min": min(w["msgs_per_s"] for w in ws),
+                   "msgs_per_s_max": max(w["msgs_per_s"] for w in ws)}
+            for key in ("msgs_per_s", "proxy_cpu_us_per_msg", "p50_ms", "p99_ms",
+                        "backend_cpu_us_per_msg", "others_busy_pct"):
+                row[key] = _median(ws, key)
+            row["msgs_ratio_haproxy"] = ratio(row["msgs_per_s"], _median(base, "msgs_per_s"))
+            row["cpu_ratio_haproxy"] = ratio(row["proxy_cpu_us_per_msg"],
+                                             _median(base, "proxy_cpu_us_per_msg"))
+            rows.append(row)
+    return rows
 
 
 # --------------------------------------------------------------------------- report
 
-def _f(v: Optional[float], fmt: str = "{:.0f}") -> str:
-    if v is None or v != v:
-        return "n/a"
-    return fmt.format(v)
+def fmt(v: Optional[float], pattern: str = "{:,.0f}") -> str:
+    return "n/a" if v is None or v != v else pattern.format(v)
 
 
-def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
-    if a is None or b is None or not b or a != a or b != b:
-        return None
-    return a / b
+def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return a / b if a is not None and b else None
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = ("| workload | backend | clients | direct ops/s | proxied ops/s | ops ratio | "
-            "direct p50 / p99 ms | proxied p50 / p99 ms | p50 ratio | p99 ratio | "
-            "dvara CPU µs/msg | backend conns max direct / proxied | errors direct / proxied |")
-    sep = "|" + "|".join("---" for _ in range(head.count("|") - 1)) + "|"
-    lines = [head, sep]
+    lines = ["| workload | clients | path | msg/s | msg/s min–max | msg/s × haproxy | "
+             "proxy CPU µs/msg | CPU × haproxy | p50 ms | p99 ms | others' CPU % |",
+             "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for r in rows:
-        d, p = r["direct"], r["proxied"]
         lines.append(
-            f"| {r['workload']} | {r['backend']} | {r['concurrency']} "
-            f"| {_f(d['ops_per_s'])} | {_f(p['ops_per_s'])} "
-            f"| {_f(_ratio(p['ops_per_s'], d['ops_per_s']), '{:.2f}')} "
-            f"| {_f(d['p50_ms'], '{:.2f}')} / {_f(d['p99_ms'], '{:.2f}')} "
-            f"| {_f(p['p50_ms'], '{:.2f}')} / {_f(p['p99_ms'], '{:.2f}')} "
-            f"| {_f(_ratio(p['p50_ms'], d['p50_ms']), '{:.2f}')} "
-            f"| {_f(_ratio(p['p99_ms'], d['p99_ms']), '{:.2f}')} "
-            f"| {_f(p.get('dvara_cpu_us_per_msg'))} "
-            f"| {d['backend_conns_max']} / {p['backend_conns_max']} "
-            f"| {d['errors'] + d['misses']} / {p['errors'] + p['misses']} |")
+            f"| {r['workload']} | {r['clients']} | {r['path']} | {fmt(r['msgs_per_s'])} "
+            f"| {fmt(r['msgs_per_s_min'])}–{fmt(r['msgs_per_s_max'])} "
+            f"| {fmt(r['msgs_ratio_haproxy'], '{:.2f}')} "
+            f"| {fmt(r['proxy_cpu_us_per_msg'], '{:.1f}')} "
+            f"| {fmt(r['cpu_ratio_haproxy'], '{:.1f}')} "
+            f"| {fmt(r['p50_ms'], '{:.3f}')} | {fmt(r['p99_ms'], '{:.3f}')} "
+            f"| {fmt(r['others_busy_pct'])} (≤{fmt(r['others_busy_pct_max'])}) |")
     return "\n".join(lines)
 
 
-def detail_table(rows: list[dict[str, Any]]) -> str:
-    head = ("| workload | backend | clients | CPU busy % before the cell | "
-            "machine CPU busy % direct / proxied | "
-            "backend CPU µs/op direct / proxied | dvara CPU s (user + sys) | "
-            "msgs counted by dvara / by clients |")
-    sep = "|" + "|".join("---" for _ in range(head.count("|") - 1)) + "|"
-    lines = [head, sep]
-    for r in rows:
-        d, p = r["direct"], r["proxied"]
-        lines.append(
-            f"| {r['workload']} | {r['backend']} | {r['concurrency']} "
-            f"| {_f(r.get('background_busy_pct'))} "
-            f"| {_f(d['machine_busy_pct'])} / {_f(p['machine_busy_pct'])} "
-            f"| {_f(d['backend_cpu_us_per_op'])} / {_f(p['backend_cpu_us_per_op'])} "
-            f"| {_f(p.get('dvara_cpu_s'), '{:.2f}')} ({_f(p.get('dvara_utime_s'), '{:.2f}')} + "
-            f"{_f(p.get('dvara_stime_s'), '{:.2f}')}) "
-            f"| {_f(p.get('dvara_messages'))} / {p.get('client_messages')} |")
-    return "\n".join(lines)
+def header(run: dict[str, Any]) -> str:
+    m = run["machine"]
+    paths = ", ".join(f"{name} ({desc})" for name, desc in run["paths"].items())
+    return (f"## dvara benchmark, {m['date']}\n\n"
+            f"Machine: {m['hostname']}, {m['nproc']} CPU(s) {m['cpu_model']}, Linux "
+            f"{m['kernel']}, {m['implementation']} {m['python']}, pymongo {run['pymongo']}, "
+            f"haproxy {run['haproxy']}; load average at start {m['loadavg_at_start']}.  \n"
+            f"dvara measured: {run['source']['source']}; git describe "
+            f"{run['source']['describe']}.  \n"
+            f"Command: `{run['command']}`; {run['rounds']} rounds × {run['duration']:g} s per "
+            f"path, interleaved, medians over rounds. Backend: {run['backend']}.  \n"
+            f"Paths: {paths}.")
 
 
-def anomalies(rows: list[dict[str, Any]]) -> list[str]:
-    notes = []
-    for r in rows:
-        cell = f"{r['workload']}/{r['backend']}/{r['concurrency']}"
-        for side in ("direct", "proxied"):
-            m = r[side]
-            if m["errors"] or m["misses"]:
-                notes.append(f"{cell} {side}: {m['errors']} errors, {m['misses']} finds that "
-                             f"missed a just-inserted document; first: {m['first_error']}")
-            elif m["first_error"]:
-                notes.append(f"{cell} {side}: {m['first_error']}")
-        p = r["proxied"]
-        c = p.get("dvara_counters") or {}
-        bad = {k: v for k, v in c.items()
-               if k.startswith("errors") or k in ("server_checkout_timeouts", "clients_rejected")}
-        bad = {k: v for k, v in bad.items() if v}
-        if bad:
-            notes.append(f"{cell}: dvara counters during the window: {bad}")
-        if p.get("dvara_log_lines"):
-            notes.append(f"{cell}: dvara logged {p['dvara_log_lines']} warning/error line(s), "
-                         f"first: {p['dvara_log'][0]}")
-        if c and p.get("client_messages") is not None:
-            extra = c.get("requests", 0) - p["client_messages"]
-            if r["workload"] == "raw" and extra:
-                notes.append(f"{cell}: dvara counted {c.get('requests', 0):.0f} requests for "
-                             f"{p['client_messages']} client pings")
+NOTES = ("msg/s: replies per second counted by the clients. Proxy CPU: utime+stime of the "
+         "proxy's whole process tree over the window (children included), divided by the "
+         "messages the clients counted; n/a for direct (no proxy). × haproxy: this path's "
+         "median over haproxy's. p50/p99: per-message round trip seen by the clients. "
+         "Others' CPU: the share of the machine used during the window by user processes the "
+         "benchmark did not start (median, and the most in any kept window); a window where "
+         "it passed --max-others % was run again, at most --retries times, keeping the "
+         "quietest attempt.")
+
+
+def anomalies(windows: list[dict[str, Any]], targets: list[kit.Target]) -> list[str]:
+    notes = [f"round {w['round']} {w['workload']} {w['clients']} {w['path']}: {w['errors']} "
+             f"error(s), first: {w['first_error']}" for w in windows if w["first_error"]]
+    for t in targets:
+        if t.kind == "dvara" and t.proc is not None:
+            lines = [ln for ln in kit.log_tail(t.proc, 4000).splitlines() if ln.strip()]
+            if lines:
+                notes.append(f"dvara {t.name} logged: {lines[0][:200]} (and {len(lines) - 1} "
+                             "more line(s))")
     return notes
 
 
-def report(rows: list[dict[str, Any]], machine: dict[str, Any], args: argparse.Namespace) -> str:
-    busy = machine.get("busy_pct_before", 0)
-    noisy = " (a shared, busy machine: expect noise)" if busy > 20 else ""
-    out = ["## dvara benchmark", ""]
-    out.append(f"Machine: {machine['nproc']} CPU(s), {machine['cpu_model']}; "
-               f"{machine['implementation']} {machine['python']}, pymongo {machine['pymongo']}, "
-               f"Linux {machine['kernel']}; {machine['date']}; load average at start "
-               f"{machine['loadavg_at_start']}, CPU busy before the run "
-               f"{busy:.0f}%{noisy}. dvara: {machine.get('dvara_source', 'unknown')}.")
+def report(run: dict[str, Any], rows: list[dict[str, Any]], notes: list[str]) -> str:
+    out = [header(run), "", table(rows), "", NOTES, ""]
+    out.append("Background load before each round (busy %): " + ", ".join(
+        f"r{r} {w}: {b:.0f}" for r, w, b in run["background"]))
     out.append("")
-    out.append(f"Settings: {args.duration:g} s per cell and side; concurrency "
-               f"{','.join(map(str, args.concurrency))}; dvara --max-connections "
-               f"{args.max_connections}, --workers {args.dvara_workers or 'default (32)'}; "
-               f"load from min(clients, {MAX_LOAD_PROCS}) processes; one fresh dvara per cell; "
-               f"each cell waited up to {args.quiet_wait:g} s for the CPU to be under "
-               f"{args.quiet_threshold:g}% busy.")
-    out.append("")
-    out.append(table(rows))
-    out.append("")
-    out.append("Ratios are proxied / direct. dvara CPU is utime+stime of the dvara process over "
-               "the window divided by the messages it handled (its own `requests` counter, which "
-               "for pymongo also counts the hellos dvara answers itself). Backend connections are "
-               "the most established connections to the backend port seen by `ss` during the "
-               "window (direct pymongo: each load process's MongoClient pool plus its 2 monitoring "
-               "connections; proxied: dvara's pool plus its own monitoring connection). "
-               "Errors include finds that missed a just-inserted document.")
-    out.append("")
-    out.append(detail_table(rows))
-    notes = anomalies(rows)
-    out.append("")
-    out.append("Anomalies: " + ("none seen (no client errors, no dvara error counters, "
-                                "no dvara warnings)." if not notes else ""))
-    for n in notes:
-        out.append(f"- {n}")
+    out.append("Anomalies: " + ("none (no client errors, no dvara log lines)." if not notes
+                                else ""))
+    out.extend(f"- {n}" for n in notes)
     return "\n".join(out)
+
+
+def log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------- main
 
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+def _scenarios(text: str, workload: str, ap: argparse.ArgumentParser) -> list[Scenario]:
+    out = []
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        try:
+            procs, per = (int(v) for v in item.lower().split("x"))
+        except ValueError:
+            ap.error(f"{item!r}: expected PROCSxN, e.g. 2x16")
+        if not (1 <= procs <= 8 and 1 <= per <= 512):
+            ap.error(f"{item!r}: 1-8 processes of 1-512 clients")
+        out.append(Scenario(workload, procs, per))
+    return out
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--duration", type=float, default=3.0, help="seconds per cell and side (3)")
-    ap.add_argument("--concurrency", default="1,16,64",
-                    help="comma-separated client counts (1,16,64)")
-    ap.add_argument("--workloads", default="pymongo,raw",
-                    help="comma-separated: pymongo, raw (both)")
-    ap.add_argument("--backends", default="secantus,canned",
-                    help="backends for the raw workload: secantus, canned (both); "
-                         "pymongo always uses secantus")
-    ap.add_argument("--dvara-workers", type=int, default=None,
-                    help="dvara --workers (dvara's default)")
-    ap.add_argument("--max-connections", type=int, default=8, help="dvara --max-connections (8)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds (3); medians over rounds")
+    ap.add_argument("--duration", type=float, default=4.0, help="seconds per path (4)")
+    ap.add_argument("--workloads", default="raw,pymongo", help="raw and/or pymongo (both)")
+    ap.add_argument("--raw-clients", default="1x1,2x16", help="PROCSxN scenarios (1x1,2x16)")
+    ap.add_argument("--pymongo-clients", default="2x8", help="PROCSxTHREADS scenarios (2x8)")
+    ap.add_argument("--paths", default="direct,haproxy,floor,dvara",
+                    help="which paths, in this order (direct,haproxy,floor,dvara)")
+    ap.add_argument("--dvara-variant", action="append", metavar="NAME=ARGS",
+                    help="a dvara column with extra dvara arguments (repeatable; "
+                         "default: 'dvara=')")
     ap.add_argument("--dvara-ref", metavar="COMMIT",
-                    help="benchmark dvara as of this git commit (default: the working tree, "
-                         "copied at start)")
-    ap.add_argument("--no-admin", action="store_true",
-                    help="do not start dvara's admin endpoint; count messages client-side")
+                    help="measure dvara as of this commit (default: the working tree)")
+    ap.add_argument("--floor-relay", default=kit.DEFAULT_FLOOR, metavar="FILE",
+                    help=f"the floor relay script ({kit.DEFAULT_FLOOR})")
+    ap.add_argument("--haproxy", default="haproxy", metavar="EXE", help="haproxy (haproxy)")
     ap.add_argument("--quiet-wait", type=float, default=20.0,
-                    help="before each cell, wait up to this many seconds for the machine to be "
-                         "less than --quiet-threshold %% busy (20; 0: measure once, do not wait)")
+                    help="before each round, wait up to this many s for a quiet machine (20)")
     ap.add_argument("--quiet-threshold", type=float, default=25.0,
                     help="CPU busy %% counted as quiet (25)")
+    ap.add_argument("--max-others", type=float, default=15.0,
+                    help="run a window again when other processes used more than this %% of "
+                         "the machine during it (15)")
+    ap.add_argument("--retries", type=int, default=2,
+                    help="at most this many extra runs of a noisy window (2)")
     ap.add_argument("--json", metavar="FILE", help="also write every number to FILE")
     ap.add_argument("--keep-logs", action="store_true", help="keep the subprocess logs")
     args = ap.parse_args(argv)
-    try:
-        args.concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
-    except ValueError:
-        ap.error("--concurrency: comma-separated integers")
-    if not args.concurrency or min(args.concurrency) < 1 or max(args.concurrency) > 1024:
-        ap.error("--concurrency: values 1-1024")
-    args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
-    if not args.workloads or set(args.workloads) - {"pymongo", "raw"}:
-        ap.error("--workloads: pymongo and/or raw")
-    args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    if not args.backends or set(args.backends) - {"secantus", "canned"}:
-        ap.error("--backends: secantus and/or canned")
-    if not 0 <= args.quiet_wait <= 3600:
-        ap.error("--quiet-wait: 0-3600 seconds")
-    if not 0.2 <= args.duration <= 600:
-        ap.error("--duration: 0.2-600 seconds")
+    _check_args(args, ap)
     return args
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    args = parse_args(argv)
-    machine = machine_info()
-    machine["busy_pct_before"] = round(background_busy(), 1)
-    logdir = tempfile.mkdtemp(prefix="dvara-bench-")
-    procs = Procs(logdir)
-    rows: list[dict[str, Any]] = []
-    def on_term(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    old_term = signal.signal(signal.SIGTERM, on_term)
-    status = 0
+def _check_args(args: argparse.Namespace, ap: argparse.ArgumentParser) -> None:
+    if not 1 <= args.rounds <= 50 or not 0.5 <= args.duration <= 600:
+        ap.error("--rounds 1-50, --duration 0.5-600")
+    if not 0 <= args.quiet_wait <= 3600 or not 0 <= args.retries <= 10:
+        ap.error("--quiet-wait: 0-3600 s, --retries 0-10")
+    workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    if not workloads or set(workloads) - {"raw", "pymongo"}:
+        ap.error("--workloads: raw and/or pymongo")
+    args.scenarios = [sc for w in workloads for sc in
+                      _scenarios(getattr(args, f"{w}_clients"), w, ap)]
+    args.paths = [p.strip() for p in args.paths.split(",") if p.strip()]
+    if not args.paths or set(args.paths) - {"direct", "haproxy", "floor", "dvara"}:
+        ap.error("--paths: some of direct, haproxy, floor, dvara")
     try:
-        machine["dvara_source"] = dvara_source_info(args.dvara_ref)
-        args.dvara_script = snapshot_dvara(os.path.join(logdir, "dvara-src"), args.dvara_ref)
-        backends: dict[str, Backend] = {}
-        need_secantus = "pymongo" in args.workloads or "secantus" in args.backends
-        if need_secantus:
-            backends["secantus"] = start_secantus(procs)
-        if "raw" in args.workloads and "canned" in args.backends:
-            backends["canned"] = start_canned(procs)
-        plan = []
-        for workload in args.workloads:
-            names = ["secantus"] if workload == "pymongo" else [
-                b for b in ("secantus", "canned") if b in args.backends]
-            for name in names:
-                for c in args.concurrency:
-                    plan.append((workload, name, c))
-        for n, (workload, name, c) in enumerate(plan, 1):
-            print(f"[{n}/{len(plan)}] {workload} on {name}, {c} client(s) ...", file=sys.stderr,
-                  flush=True)
-            for b in backends.values():
-                if b.proc.poll() is not None:
-                    raise RuntimeError(f"backend {b.name} exited with {b.proc.returncode}")
-            background = wait_quiet(args.quiet_wait, args.quiet_threshold)
-            row = run_cell(workload, backends[name], c, args, procs, n)
-            row["background_busy_pct"] = round(background, 1)
-            rows.append(row)
-            d, p = row["direct"], row["proxied"]
-            print(f"    direct {d['ops_per_s']:.0f} ops/s p50 {d['p50_ms']:.2f} ms; proxied "
-                  f"{p['ops_per_s']:.0f} ops/s p50 {p['p50_ms']:.2f} ms; dvara "
-                  f"{_f(p.get('dvara_cpu_us_per_msg'))} µs/msg", file=sys.stderr, flush=True)
+        args.variants = [kit.parse_variant(v) for v in args.dvara_variant or ["dvara="]]
+    except ValueError as exc:
+        ap.error(str(exc))
+    names = [n for n, _ in args.variants]
+    if len(set(names)) != len(names) or set(names) & {"direct", "haproxy", "floor"}:
+        ap.error("--dvara-variant: names must be unique and not direct/haproxy/floor")
+
+
+def start_targets(args: argparse.Namespace, procs: kit.Procs, backend: kit.Target,
+                  workdir: str, run: dict[str, Any]) -> list[kit.Target]:
+    """Every path's proxy, started once for the whole run, in --paths order."""
+    targets, paths = [], run["paths"]
+    for path in args.paths:
+        if path == "direct":
+            targets.append(kit.Target("direct", "direct", backend.port, None))
+            paths["direct"] = "no proxy"
+        elif path == "haproxy" and run["haproxy"] == "absent":
+            log(f"note: {args.haproxy} not found; no haproxy column (and no × haproxy ratios)")
+        elif path == "haproxy":
+            targets.append(kit.start_haproxy(procs, backend, workdir, args.haproxy))
+            paths["haproxy"] = "TCP mode"
+        elif path == "floor" and not os.path.isfile(args.floor_relay):
+            log(f"note: {args.floor_relay} not found; no floor column")
+        elif path == "floor":
+            targets.append(kit.start_floor(procs, backend, args.floor_relay))
+            paths["floor"] = os.path.basename(args.floor_relay)
+        elif path == "dvara":
+            for name, extra in args.variants:
+                targets.append(kit.start_dvara(procs, args.dvara_script, backend, name, extra))
+                paths[name] = "dvara " + (" ".join(extra) or "defaults")
+    return targets
+
+
+def describe_run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
+    try:
+        pymongo_version = metadata.version("pymongo")
+    except metadata.PackageNotFoundError:
+        pymongo_version = "absent"
+    return {"machine": kit.machine_info(), "source": kit.source_info(args.dvara_ref),
+            "pymongo": pymongo_version, "haproxy": kit.tool_version([args.haproxy, "-v"]),
+            "command": " ".join(["python scripts/bench.py", *argv]), "rounds": args.rounds,
+            "duration": args.duration, "paths": {}, "background": []}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["idle"]:
+        import bench_idle
+        return bench_idle.main(argv[1:])
+    args = parse_args(argv)
+    run = describe_run(args, argv)
+    workdir, procs = kit.make_workdir(), None
+    windows: list[dict[str, Any]] = []
+    notes: list[str] = []
+    old_term, status = kit.on_sigterm_raise(), 0
+    try:
+        procs = kit.Procs(workdir)
+        args.dvara_script = kit.snapshot_dvara(os.path.join(workdir, "dvara-src"), args.dvara_ref)
+        backend, run["backend"] = kit.start_backend(procs, workdir)
+        targets = start_targets(args, procs, backend, workdir, run)
+        windows = run_rounds(args, args.scenarios, targets, backend)
+        notes = anomalies(windows, targets)
     except KeyboardInterrupt:
-        print("interrupted; stopping everything", file=sys.stderr)
+        log("interrupted; stopping everything")
         status = 130
     except Exception as exc:  # noqa: BLE001
-        print(f"bench failed: {exc!r}", file=sys.stderr)
+        log(f"bench failed: {exc}")
         status = 1
     finally:
-        procs.stop_all()
+        if procs is not None:
+            procs.stop_all()
         signal.signal(signal.SIGTERM, old_term)
-        if not args.keep_logs and status == 0:
-            shutil.rmtree(logdir, ignore_errors=True)
-        elif status:
-            print(f"subprocess logs kept in {logdir}", file=sys.stderr)
+    return finish(args, run, windows, notes, status, workdir)
+
+
+def finish(args: argparse.Namespace, run: dict[str, Any], windows: list[dict[str, Any]],
+           notes: list[str], status: int, workdir: str) -> int:
+    run["background"] = list(dict.fromkeys((w["round"], f"{w['workload']} {w['clients']}",
+                                            w["background_busy_pct"]) for w in windows))
+    rows = summarize(windows, args.scenarios)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": machine, "args": {k: v for k, v in vars(args).items()},
-                       "rows": rows, "complete": status == 0}, f, indent=2, default=str)
+            json.dump({"run": run, "complete": status == 0, "summary": rows,
+                       "windows": windows, "notes": notes}, f, indent=1, default=str)
     if rows:
-        print(report(rows, machine, args), flush=True)
+        print(report(run, rows, notes), flush=True)
+    if args.keep_logs or status:
+        log(f"subprocess logs kept in {workdir}")
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
     return status
 
 
