@@ -59,12 +59,23 @@ _ACCEPT_BACKOFF = 0.1
 _READ_LIMIT = 1024 * 1024       # read at most this much of one client per event (fairness)
 _SMALL_READ = 16 * 1024         # what a client between messages may send while over budget
 _THROTTLE_POLL = 0.05           # how often throttled clients are looked at while over budget
-_ONE_SHOT = select.EPOLLIN | select.EPOLLONESHOT
+_ONE_SHOT = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLONESHOT
+#: Event bits that say the peer closed or the socket failed: read it to the end.
+_HANGUP = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 
 
 class _OneShotSelector(selectors.EpollSelector):
     """The stdlib epoll selector, plus one-shot registrations (which the selectors API
-    cannot express): after an event a registration stays disarmed until ``rearm``."""
+    cannot express): after an event a registration stays disarmed until ``rearm``; and
+    ``ready``, which also gives each event's epoll bits (a hang-up is seen with them)."""
+
+    def ready(self, timeout: float) -> list[tuple[selectors.SelectorKey, int]]:
+        keys = self.get_map()
+        try:
+            events = self._selector.poll(timeout, max(len(keys), 1))
+        except InterruptedError:
+            return []
+        return [(keys[fd], bits) for fd, bits in events if fd in keys]
 
     def register_one_shot(self, fileobj: Any, data: Any) -> None:
         key = self.register(fileobj, selectors.EVENT_READ, data)
@@ -196,38 +207,43 @@ class Acceptor(threading.Thread):
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> None:
         try:
+            nudge = None
             while self._running:
-                for key, _ in self._selector.select(self._timeout()):
-                    self._dispatch_event(key)
+                for key, bits in self._selector.ready(self._timeout(nudge)):
+                    self._dispatch_event(key, bits)
                 self._read_throttled()
                 self._housekeeping()
+                nudge = self.dispatcher.nudge()
         except Exception:
             log.exception("acceptor failed")
             raise
         finally:
             self._shutdown()
 
-    def _timeout(self) -> float:
+    def _timeout(self, nudge: Optional[float]) -> float:
+        """How long select may wait: until the next timer, deadline or housekeeping, or
+        the next look at the workers (nudge seconds) while messages wait for one."""
         if self._more:
             return 0.0
         if self._throttled:
             return _THROTTLE_POLL if self.io.budget.spent else 0.0
         now = time.monotonic()
-        when = self._next_housekeeping
+        when = self._next_housekeeping if nudge is None else min(
+            self._next_housekeeping, now + nudge)
         if self._deadlines:
             when = min(when, self._deadlines[0][0])
         if self._timers:
             when = min(when, self._timers[0][0])
         return max(0.0, min(when - now, _HOUSEKEEPING_INTERVAL))
 
-    def _dispatch_event(self, key: selectors.SelectorKey) -> None:
+    def _dispatch_event(self, key: selectors.SelectorKey, bits: int) -> None:
         data = key.data
         if data is None:
             self._run_calls()
         elif isinstance(data, _Listener):
             self._accept(data)
         elif not data.closed and not data.readable_while_busy():
-            self._advance(data, unread=True)
+            self._advance(data, unread=True, hangup=bool(bits & _HANGUP))
 
     def _run_calls(self) -> None:
         try:
@@ -321,7 +337,7 @@ class Acceptor(threading.Thread):
         client.member.stats.gauge_add("clients.connected", 1)
 
     # -- clients ----------------------------------------------------------------------------
-    def _advance(self, client: ClientConn, unread: bool) -> None:
+    def _advance(self, client: ClientConn, unread: bool, hangup: bool = True) -> None:
         """Move a client this thread owns along: read if its socket may hold more, then
         hand its next whole message to the workers (unless a hello of its is parked), or
         arm its registration for its next bytes."""
@@ -331,7 +347,7 @@ class Acceptor(threading.Thread):
                 self._throttled[client] = None
                 return
             self._throttled.pop(client, None)
-            status = client.fill(limit)
+            status = client.fill(limit, to_the_end=hangup)
             if status is Fill.CLOSED:
                 if client.parked is not None or not client.has_frame():
                     self._close(client, "disconnected")

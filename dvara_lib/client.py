@@ -163,18 +163,21 @@ class ClientConn:
             wire.set_recv_timeout(sock, io.linger)
 
     # -- reading (by the owner) ---------------------------------------------------------
-    def fill(self, limit: int = 4 * _READ_CHUNK) -> Fill:
+    def fill(self, limit: int = 4 * _READ_CHUNK, to_the_end: bool = True) -> Fill:
         """Read what the socket has without blocking, up to about limit bytes.
 
-        It reads until the socket says it has nothing more (an end of stream that came
-        with the data is seen now: no further event would announce it).
+        to_the_end: read until the socket says it has nothing more (an end of stream
+        that came with the data is then seen now). Without it a short read is taken to
+        mean the socket is empty: the acceptor does so when its event did not say the
+        peer hung up, since arming the registration again reports anything left.
         """
         if self.reader is not None:             # TLS (dvara_lib.tls)
             return self.reader(self, limit)
         got = 0
         while got < limit:
+            want = min(_READ_CHUNK, limit - got)
             try:
-                data = self.sock.recv(min(_READ_CHUNK, limit - got), socket.MSG_DONTWAIT)
+                data = self.sock.recv(want, socket.MSG_DONTWAIT)
             except (BlockingIOError, InterruptedError):
                 return Fill.DRAINED
             except OSError as exc:
@@ -184,6 +187,8 @@ class ClientConn:
                 return Fill.CLOSED
             self.took(data)
             got += len(data)
+            if len(data) < want and not to_the_end:
+                return Fill.DRAINED
         return Fill.MORE
 
     def wait_message(self) -> Optional[bytes]:
@@ -270,8 +275,9 @@ class ClientConn:
             return self.busy
 
     # -- writing (by the owner) -----------------------------------------------------------
-    def send(self, data: bytes) -> bool:
-        """Write all of data within the write time-out, counted for the whole write.
+    def send(self, data: bytes, count: bool = True) -> bool:
+        """Write all of data within the write time-out, counted for the whole write
+        (and in bytes.out, unless the caller counts it).
 
         False if the client is gone or too slow (it is then to be closed).
         """
@@ -289,7 +295,8 @@ class ClientConn:
             log.info("closing %s: it did not read its reply within %.1fs", self,
                      self.io.write_timeout)
             return False
-        self.member.stats.incr("bytes.out", len(data))
+        if count:
+            self.member.stats.incr("bytes.out", len(data))
         return True
 
     def close(self) -> None:
@@ -316,12 +323,16 @@ def _send_plain(sock: socket.socket, data: bytes, timeout: float) -> bool:
 
     Can raise OSError. The first try writes without waiting (the usual case: all of it).
     """
-    try:
-        sent = sock.send(data, socket.MSG_DONTWAIT)
-    except (BlockingIOError, InterruptedError):
-        sent = 0
+    sent = wire.send_now(sock, data)
     if sent == len(data):
         return True
+    if not sent:
+        try:
+            sent = sock.send(data, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        if sent == len(data):
+            return True
     deadline = time.monotonic() + timeout
     poller = select.poll()
     poller.register(sock, select.POLLOUT)

@@ -110,6 +110,8 @@ class DataPlane:
                                      self.relay.serve, self.relay.serve_parked)
         self.acceptor = Acceptor(s, self.dispatcher, self.relay, self.io)
         self.relay.others_waiting = self.dispatcher.waiting
+        self.relay.requeue = self.dispatcher.submit
+        self.relay.progress = self.dispatcher.progress
         self.relay.acceptor_busy = lambda: self.acceptor.draining
         topology.on_change(self.acceptor.topology_changed)
 

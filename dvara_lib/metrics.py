@@ -98,6 +98,8 @@ _COUNTERS = tuple(m.name for m in MEASURES if m.kind == COUNTER)
 _GAUGES = tuple(m.name for m in MEASURES if m.kind == GAUGE)
 _HISTOGRAMS = tuple(m.name for m in MEASURES if m.kind == HISTOGRAM)
 _COUNTER_INDEX = {name: i for i, name in enumerate(_COUNTERS)}
+_REQUESTS, _WITH_REPLY, _BYTES_IN, _BYTES_OUT, _MUTATIONS = (_COUNTER_INDEX[name] for name in (
+    "requests", "requests.with_reply", "bytes.in", "bytes.out", "requests.mutations"))
 _GAUGE_INDEX = {name: i for i, name in enumerate(_GAUGES)}
 _HISTOGRAM_INDEX = {name: i for i, name in enumerate(_HISTOGRAMS)}
 
@@ -254,6 +256,19 @@ class MemberMetrics:
             shard.epoch[i], shard.max[i] = self._epoch, seconds
         elif seconds > shard.max[i]:
             shard.max[i] = seconds
+
+    def relayed(self, bytes_in: int, bytes_out: int, mutation: bool, seconds: float) -> None:
+        """One request relayed and its reply written, in one call (the relay's fast path):
+        requests, requests.with_reply, bytes.in, bytes.out, requests.mutations, latency."""
+        shard = self._shard()
+        counters = shard.counters
+        counters[_REQUESTS] += 1
+        counters[_WITH_REPLY] += 1
+        counters[_BYTES_IN] += bytes_in
+        counters[_BYTES_OUT] += bytes_out
+        if mutation:
+            counters[_MUTATIONS] += 1
+        self.observe("latency", seconds)
 
     def value(self, name: str) -> Number:
         """Return a counter's running total, a gauge's value or a histogram's count."""

@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import logging
+import struct
 import time
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
@@ -62,6 +63,12 @@ _RELEASE_TRIES = 4
 EXCEEDED_TIME_LIMIT = 262
 HOST_UNREACHABLE = 6
 
+#: The header tail and flags of an OP_MSG with no flag set and its body section first.
+_PLAIN_OP_MSG = struct.pack("<iIB", wire.OP_MSG, 0, 0)
+#: Command names the fast path leaves to the general one (as BSON keys).
+_SPECIAL_KEYS = frozenset(n.encode() for n in hello.HELLO_NAMES | REWRITTEN_REPLIES)
+_MUTATION_KEYS = frozenset(n.encode() for n in MUTATIONS)
+
 #: What handling one message comes to: go on (RESUME), close, or park a hello.
 Outcome = Union[Verdict, ParkedHello]
 Handback = Callable[[ClientConn, Verdict, Optional[ParkedHello]], None]
@@ -71,8 +78,9 @@ class Relay:
     """The per-message work of the proxy. One instance, shared by every worker.
 
     ``others_waiting`` says whether any message waits for a worker (then a worker does
-    not linger on its client); ``acceptor_busy`` whether the acceptor must see every
-    client let go (while it drains).
+    not linger on its client, and queues the client's next message behind the others
+    with ``requeue`` rather than serve it at once); ``acceptor_busy`` whether the
+    acceptor must see every client let go (while it drains).
     """
 
     def __init__(self, settings: "Settings", topology: "Topology", handback: Handback,
@@ -87,6 +95,8 @@ class Relay:
         self.gate = auth.Gate.from_settings(settings)   # client logins, or None
         self.others_waiting: Callable[[], bool] = lambda: True
         self.acceptor_busy: Callable[[], bool] = lambda: False
+        self.requeue: Callable[[ClientConn, bytes], None] = lambda client, frame: None
+        self.progress: Callable[[], None] = lambda: None
 
     def apply_settings(self, settings: "Settings") -> None:
         """Settings a reload changed (SIGHUP)."""
@@ -102,6 +112,7 @@ class Relay:
                 outcome = self.serve_one(client, frame)
                 if outcome is not Verdict.RESUME:
                     break
+                self.progress()
                 after = self._next_or_release(client)
                 if after is None:
                     return                  # let go: the acceptor owns the client again
@@ -143,7 +154,10 @@ class Relay:
             frame = client.wait_message()
         for _ in range(_RELEASE_TRIES):
             if frame is not None:
-                return frame
+                if not self.others_waiting():
+                    return frame
+                self.requeue(client, frame)     # the messages that came first go first
+                return None
             if client.closing:
                 return Verdict.CLOSE
             if self.acceptor_busy() or (client.io.budget.spent and client.mid_message()):
@@ -173,6 +187,59 @@ class Relay:
     # -- one message: auth gate, legacy, hello, relay --------------------------------------
     def serve_one(self, client: ClientConn, frame: bytes) -> Outcome:
         """Handle one whole message from client. Can raise ProtocolError."""
+        key = self._plain_command(client, frame)
+        if key is not None:
+            return self._relay_plain(client, frame, key)
+        return self._serve_any(client, frame)
+
+    def _plain_command(self, client: ClientConn, frame: bytes) -> Optional[bytes]:
+        """The command name (as bytes) of the usual message, which takes the fast path:
+        an OP_MSG command with no flags, its body first, neither a hello nor a command
+        whose reply names members, from a client with no login gate, no legacy state and
+        no pin, to a member that speaks OP_MSG. None for anything else."""
+        if len(frame) < 27 or frame[12:21] != _PLAIN_OP_MSG or frame[25] == 0:
+            return None
+        if self.gate is not None or client.last_error is not None or client.pinned \
+                is not None or client.member.max_wire_version < legacy.OP_MSG_WIRE_VERSION:
+            return None
+        end = frame.find(b"\x00", 26)
+        key = frame[26:end]
+        return None if end < 0 or key in _SPECIAL_KEYS else key
+
+    def _relay_plain(self, client: ClientConn, frame: bytes, key: bytes) -> Outcome:
+        """The fast path: check out, send, read the whole reply, check in, write it."""
+        member = client.member
+        start = time.monotonic()
+        conn = self._checkout(client, frame)
+        if conn is None:
+            member.stats.incr("requests")
+            return Verdict.RESUME
+        try:
+            conn.send(frame)
+            reply = conn.read_frame()
+            if reply[8:12] != frame[4:8]:
+                raise ProtocolError(f"server reply answers {wire.response_to(reply)}, "
+                                    f"not {wire.request_id(frame)}")
+            if _streams(reply):
+                raise ProtocolError("the server streams replies to a request that did not "
+                                    "ask for it")
+        except (ConnectionFailure, ProtocolError) as exc:
+            conn.spoil()
+            self._server_failed(member, exc)
+            member.stats.incr("requests")
+            return Verdict.CLOSE
+        finally:
+            member.pool.checkin(conn, not conn.spoiled)
+        if len(reply) < _SCANNED_REPLY_SIZE and (b"errmsg" in reply or b"err\x00" in reply) \
+                and any(m in reply for m in STATE_CHANGE_MARKERS):
+            self._check_state_change(member, reply)
+        sent = client.send(reply, count=False)
+        member.stats.relayed(len(frame), len(reply) if sent else 0, key in _MUTATION_KEYS,
+                             time.monotonic() - start)
+        return Verdict.RESUME if sent else Verdict.CLOSE
+
+    def _serve_any(self, client: ClientConn, frame: bytes) -> Outcome:
+        """Any message: compressed, legacy, hello, authentication, streams, pins."""
         compressor: Optional[int] = None
         stats = client.member.stats
         stats.incr("requests")
@@ -409,6 +476,14 @@ class Relay:
                                       flags=wire.REPLY_QUERY_FAILURE))
         else:
             client.send(wire.reply_like(frame, doc))
+
+
+def _streams(reply: bytes) -> bool:
+    """An OP_MSG reply with moreToCome: the server will send more replies."""
+    return reply[12:16] == _OP_MSG_BYTES and bool(reply[16] & wire.MORE_TO_COME)
+
+
+_OP_MSG_BYTES = struct.pack("<i", wire.OP_MSG)
 
 
 def _sent(ok: bool) -> Verdict:
