@@ -72,9 +72,16 @@ class Crew:
         """Items queued, not yet taken (read without the lock)."""
         return len(self._work)
 
+    @property
+    def parked(self) -> int:
+        """Workers asleep, waiting for work (read without the lock)."""
+        return len(self._parked)
+
     def put(self, item: Any) -> None:
         """Queue item; wake a parked worker if none is awake."""
         with self._lock:
+            if not self._work:      # waiting starts now, not at the last finished item
+                self._seen = (self._finished, time.monotonic())
             self._work.append(item)
             wake = self._parked.pop() if self._parked and not self._awake else None
             if wake is not None:

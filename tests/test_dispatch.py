@@ -144,6 +144,7 @@ def _crew_run(crew_size: int, work_seconds: float, items: int) -> tuple[set[str]
 
     crew = Crew(crew_size, "test-crew", run)
     try:
+        wait_until(lambda: crew.parked == crew_size, "the crew to wait for work")
         started = time.monotonic()
         for i in range(items):
             crew.put(i)
