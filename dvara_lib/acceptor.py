@@ -388,8 +388,11 @@ class Acceptor(threading.Thread):
 
     def _read_limit(self, client: ClientConn) -> int:
         """How much of client to read now, under the buffer budget (0: not now)."""
-        if not self.io.budget.spent or client is self._favoured:
+        budget = self.io.budget
+        if client is self._favoured:
             return _READ_LIMIT
+        if not budget.spent:
+            return min(_READ_LIMIT, max(_SMALL_READ, budget.limit - budget.used))
         if not client.mid_message():
             return _SMALL_READ
         favoured = self._favoured

@@ -135,6 +135,11 @@ Reader = Callable[["ClientConn", int], Fill]
 class ClientConn:
     """A client socket accepted on one member's listener."""
 
+    __slots__ = ("sock", "peer", "peer_ip", "member", "io", "id", "buf", "counted",
+                 "compressors", "parked", "pinned", "pin_deadline", "last_error",
+                 "last_active", "closed", "closing", "lock", "busy", "pending", "auth",
+                 "reader", "__weakref__")
+
     def __init__(self, sock: socket.socket, peer: tuple[Any, ...], member: "Member",
                  io: ClientIO) -> None:
         self.sock = sock
