@@ -207,29 +207,25 @@ class Acceptor(threading.Thread):
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> None:
         try:
-            nudge = None
             while self._running:
-                for key, bits in self._selector.ready(self._timeout(nudge)):
+                for key, bits in self._selector.ready(self._timeout()):
                     self._dispatch_event(key, bits)
                 self._read_throttled()
                 self._housekeeping()
-                nudge = self.dispatcher.nudge()
         except Exception:
             log.exception("acceptor failed")
             raise
         finally:
             self._shutdown()
 
-    def _timeout(self, nudge: Optional[float]) -> float:
-        """How long select may wait: until the next timer, deadline or housekeeping, or
-        the next look at the workers (nudge seconds) while messages wait for one."""
+    def _timeout(self) -> float:
+        """How long select may wait: until the next timer, deadline or housekeeping."""
         if self._more:
             return 0.0
         if self._throttled:
             return _THROTTLE_POLL if self.io.budget.spent else 0.0
         now = time.monotonic()
-        when = self._next_housekeeping if nudge is None else min(
-            self._next_housekeeping, now + nudge)
+        when = self._next_housekeeping
         if self._deadlines:
             when = min(when, self._deadlines[0][0])
         if self._timers:
@@ -241,7 +237,8 @@ class Acceptor(threading.Thread):
         if data is None:
             self._run_calls()
         elif isinstance(data, _Listener):
-            self._accept(data)
+            if self._listeners.get(data.member) is data:   # not closed earlier in this batch
+                self._accept(data)
         elif not data.closed and not data.readable_while_busy():
             self._advance(data, unread=True, hangup=bool(bits & _HANGUP))
 

@@ -59,6 +59,7 @@ class Settings:
     max_per_client_connections: int
     workers: int
     processes: int
+    cpu_affinity: str | tuple[int, ...]
     max_buffered_bytes: int
     worker_linger: float
     message_timeout: float
@@ -256,6 +257,20 @@ def _processes(text: str) -> int:
     return _int_at_least(1)(text)
 
 
+def _cpu_affinity(text: str) -> str | tuple[int, ...]:
+    value = text.strip().lower()
+    if value in ("auto", "none"):
+        return value
+    try:
+        cpus = tuple(int(item) for item in _split_list(value))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected auto, none or CPU numbers like 0,1, got {text!r}") from None
+    if not cpus or min(cpus) < 0:
+        raise argparse.ArgumentTypeError(f"expected CPU numbers like 0,1, got {text!r}")
+    return cpus
+
+
 def _host(text: str) -> str:
     try:
         return _parse_host(text)
@@ -412,6 +427,9 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("processes", _processes, "1", "pool", "N",
             "processes that serve clients (auto: one per core); together they keep every "
             "limit, --max-connections included"),
+    _Option("cpu-affinity", _cpu_affinity, "auto", "pool", "auto|none|CPU[,...]",
+            "run each serving process on one CPU: auto takes the allowed CPUs in turn "
+            "(process i on the i-th), a list names them, none leaves it to the kernel"),
     _Option("max-buffered-bytes", _size, "1GB", "pool", "SIZE",
             "bytes held for clients' incomplete messages, in all; above it clients in the "
             "middle of a message are read no further until the buffers drain"),

@@ -3,14 +3,9 @@
 # design:
 # The acceptor submits (client, frame) here once it has taken the client. The workers
 # are the threads of fixed ThreadPoolExecutors, each running one loop for its whole
-# life over a Crew's queue (a hand-over is a deque append, no Future). Which worker
-# takes a message matters more than anything else in a CPython relay: every time the
-# GIL passes between threads it costs context switches. So a message goes to a worker
-# that is already awake when there is one, a parked worker is woken last-idle-first,
-# and a further one is woken only when no awake worker has finished anything for
-# SPARE_AFTER while messages wait (servers answer slowly: more workers are needed).
-# With a fast server a few hot threads serve everything; with a slow one the crew
-# grows to what the load needs, up to --workers.
+# life over a Crew's queue: a hand-over is a deque append and, if a worker sleeps, the
+# release of that worker's own lock (no Future, no Condition). The worker that went to
+# sleep last is woken first, so a light load keeps running on the same few threads.
 #
 # A hung member holds every worker relaying to it for up to --message-timeout; so that
 # it never holds them all (hellos and other members' clients would wait behind it),
@@ -30,7 +25,6 @@ import collections
 import concurrent.futures
 import logging
 import threading
-import time
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from dvara_lib import hello, wire
@@ -45,15 +39,10 @@ log = logging.getLogger("dvara.dispatch")
 Serve = Callable[["ClientConn", bytes], None]
 ServeParked = Callable[["ClientConn", "ParkedHello"], None]
 
-#: Wake one more worker when messages wait and no awake worker finished one for this
-#: long (seconds).
-SPARE_AFTER = 0.0005
-
-
 class Crew:
     """A queue of work and a fixed set of threads that take it (see the module notes).
 
-    Methods: put (any thread), nudge (the acceptor's loop), stop, waiting, threads.
+    Methods: put (any thread), stop; waiting and parked (counts, read without a lock).
     """
 
     def __init__(self, count: int, prefix: str, run: Callable[[Any], None]) -> None:
@@ -62,54 +51,25 @@ class Crew:
         self._lock = threading.Lock()
         self._work: collections.deque[Any] = collections.deque()
         self._parked: list[threading.Lock] = []     # last parked last in: woken first
-        self._awake = count
-        self._finished = 0                          # items done, ever
-        self._seen = (0, 0.0)                       # _finished, and when nudge saw it
         self.executor = start_thread_pool(count, prefix, self._loop)
 
     @property
     def waiting(self) -> int:
-        """Items queued, not yet taken (read without the lock)."""
+        """Items queued, not yet taken."""
         return len(self._work)
 
     @property
     def parked(self) -> int:
-        """Workers asleep, waiting for work (read without the lock)."""
+        """Workers asleep, waiting for work."""
         return len(self._parked)
 
     def put(self, item: Any) -> None:
-        """Queue item; wake a parked worker if none is awake."""
+        """Queue item; wake the worker that went to sleep last, if one sleeps."""
         with self._lock:
-            if not self._work:      # waiting starts now, not at the last finished item
-                self._seen = (self._finished, time.monotonic())
             self._work.append(item)
-            wake = self._parked.pop() if self._parked and not self._awake else None
-            if wake is not None:
-                self._awake += 1
-        if wake is not None:
-            wake.release()
-
-    def nudge(self, now: float) -> Optional[float]:
-        """Wake a spare worker if work waits and nothing was finished for SPARE_AFTER.
-
-        Returns in how many seconds to nudge again (None: nothing waits).
-        """
-        if not self._work:
-            return None
-        with self._lock:
-            finished, since = self._seen
-            if self._finished != finished:
-                self._seen = (self._finished, now)
-                return SPARE_AFTER
-            if now - since < SPARE_AFTER:
-                return SPARE_AFTER - (now - since)
-            self._seen = (finished, now)
             wake = self._parked.pop() if self._parked else None
-            if wake is not None:
-                self._awake += 1
         if wake is not None:
             wake.release()
-        return SPARE_AFTER
 
     def stop(self) -> None:
         """Drop the queued work; every worker ends once it is done with its item."""
@@ -117,7 +77,6 @@ class Crew:
             self._work.clear()
             self._work.extend([None] * self.count)
             parked, self._parked = self._parked, []
-            self._awake += len(parked)
         for wake in parked:
             wake.release()
 
@@ -127,15 +86,11 @@ class Crew:
         parker.acquire()
         while True:
             with self._lock:
-                if self._work:
-                    item = self._work.popleft()
-                    parked = False
-                else:
+                item = self._work.popleft() if self._work else _PARK
+                if item is _PARK:
                     self._parked.append(parker)
-                    self._awake -= 1
-                    parked = True
-            if parked:
-                parker.acquire()            # until put, nudge or stop wakes this one
+            if item is _PARK:
+                parker.acquire()            # until put or stop wakes this one
                 continue
             if item is None:
                 return
@@ -143,12 +98,9 @@ class Crew:
                 self._run(item)
             except Exception:
                 log.exception("a worker failed")
-            finally:
-                self.progress()
 
-    def progress(self) -> None:
-        """A worker finished a message (a hint for nudge: a lost update is harmless)."""
-        self._finished += 1
+
+_PARK = object()
 
 
 class Dispatcher:
@@ -182,16 +134,6 @@ class Dispatcher:
     def waiting(self) -> bool:
         """Whether a message waits for a worker (read without the lock: a hint)."""
         return self._crew.waiting > 0 or self.held > 0
-
-    def progress(self) -> None:
-        """A worker that keeps serving one client finished one of its messages."""
-        self._crew.progress()
-
-    def nudge(self) -> Optional[float]:
-        """Called by the acceptor's loop; seconds until it should call again, or None."""
-        now = time.monotonic()
-        times = [t for t in (self._crew.nudge(now), self._pinned.nudge(now)) if t is not None]
-        return min(times) if times else None
 
     # -- the acceptor's side ------------------------------------------------------------
     def submit(self, client: "ClientConn", frame: bytes) -> None:

@@ -129,7 +129,7 @@ class Pool:
         self.stats = stats or PoolStats()
         self._idle: collections.deque[ServerConnection] = collections.deque()
         self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)   # waited on only when the pool is full
+        self._waiters: collections.deque[threading.Lock] = collections.deque()
         self._total = 0          # idle + checked out + being opened
         self._waiting = 0
         self._lent: set[ServerConnection] = set()   # checked out now
@@ -185,7 +185,7 @@ class Pool:
                     self._total += 1
                     return None
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or not self._cond.wait(remaining):
+                if remaining <= 0 or not self._wait(remaining):
                     if not self._idle and self._total >= self.max_size:
                         self.stats.checkout_timeout()
                         raise PoolTimeout(
@@ -194,6 +194,31 @@ class Pool:
         finally:
             self._waiting -= 1
 
+    def _wait(self, timeout: float) -> bool:
+        """Under the lock: let it go until a checkin (or change) wakes this thread, or
+        timeout passes; True if woken. Like Condition.wait, without its Python layers."""
+        waiter = threading.Lock()
+        waiter.acquire()
+        self._waiters.append(waiter)
+        self._lock.release()
+        try:
+            woken = waiter.acquire(timeout=timeout)
+        finally:
+            self._lock.acquire()
+        if not woken:
+            try:
+                self._waiters.remove(waiter)
+            except ValueError:
+                woken = True            # woken just as the wait timed out
+        return woken
+
+    def _notify(self, all_waiters: bool = False) -> None:
+        """Under the lock: wake the longest waiting thread (or all of them)."""
+        while self._waiters:
+            self._waiters.popleft().release()
+            if not all_waiters:
+                return
+
     def _open_reserved(self) -> ServerConnection:
         generation = self.generation
         try:
@@ -201,8 +226,7 @@ class Pool:
         except BaseException:
             with self._lock:
                 self._total -= 1
-                if self._waiting:
-                    self._cond.notify()
+                self._notify()
             raise
         conn = ServerConnection(sock, generation, self)
         with self._lock:
@@ -224,8 +248,7 @@ class Pool:
                 self._idle.append(conn)
             else:
                 self._total -= 1
-            if self._waiting:
-                self._cond.notify()
+            self._notify()
         try:
             if count_held:
                 self.stats.held(now - conn.checked_out_at)
@@ -242,7 +265,7 @@ class Pool:
         """New limits (SIGHUP); waiters re-check at once."""
         with self._lock:
             self.max_size, self.min_idle, self.idle_timeout = max_size, min_idle, idle_timeout
-            self._cond.notify_all()
+            self._notify(all_waiters=True)
 
     def clear(self) -> None:
         """Retire every connection opened so far (after a network error)."""
@@ -251,7 +274,7 @@ class Pool:
             stale = list(self._idle)
             self._idle.clear()
             self._total -= len(stale)
-            self._cond.notify_all()
+            self._notify(all_waiters=True)
         for conn in stale:
             self._discard(conn)
         if stale:
@@ -303,6 +326,6 @@ class Pool:
             stale = list(self._idle)
             self._idle.clear()
             self._total -= len(stale)
-            self._cond.notify_all()
+            self._notify(all_waiters=True)
         for conn in stale:
             self._discard(conn)

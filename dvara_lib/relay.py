@@ -96,7 +96,6 @@ class Relay:
         self.others_waiting: Callable[[], bool] = lambda: True
         self.acceptor_busy: Callable[[], bool] = lambda: False
         self.requeue: Callable[[ClientConn, bytes], None] = lambda client, frame: None
-        self.progress: Callable[[], None] = lambda: None
 
     def apply_settings(self, settings: "Settings") -> None:
         """Settings a reload changed (SIGHUP)."""
@@ -112,7 +111,6 @@ class Relay:
                 outcome = self.serve_one(client, frame)
                 if outcome is not Verdict.RESUME:
                     break
-                self.progress()
                 after = self._next_or_release(client)
                 if after is None:
                     return                  # let go: the acceptor owns the client again
@@ -149,6 +147,8 @@ class Relay:
     def _next_or_release(self, client: ClientConn) -> Union[bytes, Verdict, None]:
         """The client's next message to serve now; None once the client is let go; or
         the Verdict to hand it back with. Can raise ProtocolError."""
+        if self.acceptor_busy():
+            return Verdict.RESUME       # a drain: what the client sent moves with it
         frame = client.next_frame()
         if frame is None and self._may_linger(client):
             frame = client.wait_message()

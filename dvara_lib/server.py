@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from dvara_lib import __version__, auth, handoff, lifecycle, tls
 from dvara_lib.config import check_port_range
-from dvara_lib.dataplane import DataPlane
+from dvara_lib.dataplane import DataPlane, pin_to_cpu
 from dvara_lib.discovery import DiscoveryThread, discover
 from dvara_lib.errors import ConfigError
 from dvara_lib.membership import PortBook, wanted_members
@@ -106,6 +106,9 @@ class Server:
         if self.settings.processes > 1:
             from dvara_lib.workers import WorkerSet
             return WorkerSet(self.settings, self.topology, self.metrics, self.discovery.wake)
+        cpu = pin_to_cpu(self.settings.cpu_affinity, 0)
+        if cpu is not None:
+            log.info("serving on CPU %d (--cpu-affinity)", cpu)
         return DataPlane(self.settings, self.topology, self.metrics, self.discovery.wake)
 
     def connection_string(self) -> str:

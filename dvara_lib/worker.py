@@ -23,7 +23,7 @@ from typing import Any, Optional
 from dvara_lib import auth, tls
 from dvara_lib.app import setup_logging
 from dvara_lib.channel import Channel, ChannelClosed
-from dvara_lib.dataplane import DataPlane, Share
+from dvara_lib.dataplane import DataPlane, Share, pin_to_cpu
 from dvara_lib.metrics import Metrics, thin
 from dvara_lib.topology import Member, Topology
 from dvara_lib.workers import WORKER_ENV
@@ -149,6 +149,9 @@ def main() -> int:
     except ChannelClosed:
         return 1
     setup_logging(start["settings"], f"[w{index}]")
+    cpu = pin_to_cpu(start["settings"].cpu_affinity, index)
+    if cpu is not None:
+        log.info("worker %d serving on CPU %d (--cpu-affinity)", index, cpu)
     worker = Worker(channel, Share(index, count))
     worker.start(start)
     return worker.run()

@@ -38,9 +38,6 @@ class FakeDispatcher:
         assert client.busy, "handed over without being taken"
         self.handed.put(("parked", client, parked))
 
-    def nudge(self) -> None:
-        return None
-
     def next(self, timeout: float = 5.0) -> tuple[str, ClientConn, Any]:
         return self.handed.get(timeout=timeout)
 

@@ -56,6 +56,7 @@ def test_defaults() -> None:
         max_per_client_connections=10000,
         workers=32,
         processes=1,
+        cpu_affinity="auto",
         max_buffered_bytes=1024 ** 3,
         worker_linger=0.001,
         message_timeout=120.0,
