@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import socket
 import struct
+import threading
+import time
 import types
 from typing import Iterator
 
@@ -120,3 +122,25 @@ def test_new_clients_get_distinct_ids_and_a_readable_repr(pair):
     finally:
         a.close()
         b.close()
+
+
+def test_a_reply_the_socket_takes_in_parts_arrives_whole(pair):
+    """The first, GIL-holding try writes part of a reply; the rest follows, nothing twice."""
+    client, peer = pair
+    client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.io.write_timeout = 5.0
+    reply = wire.op_msg({"ok": 1.0, "pad": bytes(range(256)) * 200})   # ~50 KB
+    got = bytearray()
+
+    def read() -> None:
+        peer.settimeout(5)
+        while len(got) < len(reply):
+            time.sleep(0.001)                       # a slow reader: the socket fills up
+            got.extend(peer.recv(8192))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    assert client.send(reply) is True
+    reader.join(10)
+    assert bytes(got) == reply
