@@ -208,6 +208,9 @@ class ClientConn:
         if not data:
             self.closing = True
             return None
+        if not self.buf and len(data) >= 16 and _INT32.unpack_from(data, 0)[0] == len(data):
+            self.last_active = time.monotonic()     # the usual case: one whole message
+            return data
         self.took(data)
         return self.next_frame()
 

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import socket
@@ -88,22 +89,11 @@ class _PoolMetrics(PoolStats):
     """Pool events as member measures (its open and in-use counts are read live)."""
 
     def __init__(self, stats: MemberMetrics) -> None:
-        self.stats = stats
-
-    def created(self) -> None:
-        self.stats.incr("server.created")
-
-    def closed(self) -> None:
-        self.stats.incr("server.closed")
-
-    def checkout_wait(self, seconds: float) -> None:
-        self.stats.observe("server.checkout_wait", seconds)
-
-    def checkout_timeout(self) -> None:
-        self.stats.incr("server.checkout_timeouts")
-
-    def held(self, seconds: float) -> None:
-        self.stats.observe("server.held", seconds)
+        self.created = functools.partial(stats.incr, "server.created")
+        self.closed = functools.partial(stats.incr, "server.closed")
+        self.checkout_wait = functools.partial(stats.observe, "server.checkout_wait")
+        self.checkout_timeout = functools.partial(stats.incr, "server.checkout_timeouts")
+        self.held = functools.partial(stats.observe, "server.held")
 
 
 class DataPlane:
