@@ -3,7 +3,7 @@
 
 import sys
 
-from dvara_lib.app import main
+from dvara_lib.process.app import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -33,5 +33,5 @@ setup(
         ],
         "demo": ["SecantusDB>=0.7.0b3"],
     },
-    entry_points={"console_scripts": ["dvara = dvara_lib.app:main"]},
+    entry_points={"console_scripts": ["dvara = dvara_lib.process.app:main"]},
 )

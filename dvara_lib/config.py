@@ -81,7 +81,7 @@ class Settings:
     demo: bool
     demo_port: int
     demo_data_dir: str
-    # authentication and TLS (issue 7; dvara_lib.auth, dvara_lib.tls)
+    # authentication and TLS (issue 7; dvara_lib.security.auth, dvara_lib.security.tls)
     username: str | None
     password: str | None = dataclasses.field(repr=False)
     password_file: str | None

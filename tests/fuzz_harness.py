@@ -34,13 +34,13 @@ from bson.int64 import Int64
 from bson.timestamp import Timestamp
 
 from dvara_lib import wire
-from dvara_lib.client import Budget, ClientConn, ClientIO, Fill, ParkedHello, Verdict
+from dvara_lib.proxy.client import Budget, ClientConn, ClientIO, Fill, ParkedHello, Verdict
 from dvara_lib.config import parse_args
 from dvara_lib.errors import ConnectionFailure, ProtocolError
-from dvara_lib.metrics import Metrics
-from dvara_lib.pool import Pool
-from dvara_lib.relay import Relay
-from dvara_lib.topology import Member, Topology
+from dvara_lib.observe.metrics import Metrics
+from dvara_lib.backend.pool import Pool
+from dvara_lib.proxy.relay import Relay
+from dvara_lib.backend.topology import Member, Topology
 
 MODERN, LEGACY = "10.0.0.1:27017", "10.0.0.2:27017"
 MESSAGE_TIMEOUT = 0.5

@@ -13,7 +13,7 @@ from typing import Optional
 
 import pytest
 
-from dvara_lib.metrics import HISTOGRAM, MEASURES, PERCENTILES, metric_name
+from dvara_lib.observe.metrics import HISTOGRAM, MEASURES, PERCENTILES, metric_name
 from tests.helpers import accepts, free_port, wait_until
 
 GMOND = shutil.which("gmond") or "/usr/sbin/gmond"

@@ -26,8 +26,8 @@ sys.path.insert(0, str(ROOT))      # this checkout's dvara_lib, not an installed
 #: - acceptor: called on every pass of Acceptor.run's loop
 #: - discovery: called by DiscoveryThread.run between ticks (tick's errors are caught)
 TARGETS = {
-    "acceptor": ("dvara_lib.acceptor", "Acceptor", "_housekeeping"),
-    "discovery": ("dvara_lib.discovery", "DiscoveryThread", "_until_next_due"),
+    "acceptor": ("dvara_lib.proxy.acceptor", "Acceptor", "_housekeeping"),
+    "discovery": ("dvara_lib.backend.discovery", "DiscoveryThread", "_until_next_due"),
 }
 FAULT_ENV = "DVARA_INJECT"
 FLAG_ENV = "DVARA_INJECT_FLAG"
@@ -61,7 +61,7 @@ def main() -> int:
                   f"{FLAG_ENV} a path", file=sys.stderr)
             return 2
         install(fault, flag)
-    from dvara_lib.app import main as dvara_main
+    from dvara_lib.process.app import main as dvara_main
     return dvara_main()
 
 

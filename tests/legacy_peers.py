@@ -22,7 +22,8 @@ import bson
 from mockupdb import (Command, MockupDB, OpDelete, OpGetMore, OpInsert, OpKillCursors,
                       OpMsg, OpUpdate)
 
-from dvara_lib import legacy, wire
+from dvara_lib import wire
+from dvara_lib.proxy import legacy
 
 OP_REPLY, OP_UPDATE, OP_INSERT, OP_QUERY, OP_GET_MORE, OP_DELETE, OP_KILL_CURSORS = (
     1, 2001, 2002, 2004, 2005, 2006, 2007)

@@ -16,7 +16,8 @@ import trustme
 from bson.binary import Binary
 from pymongo import MongoClient
 
-from dvara_lib import scram, wire
+from dvara_lib import wire
+from dvara_lib.security import scram
 from tests.helpers import ROOT, RawClient, Secantus, free_port
 
 

@@ -13,12 +13,12 @@ import bson
 import pytest
 
 from dvara_lib import wire
-from dvara_lib.acceptor import Acceptor
-from dvara_lib.client import Budget, ClientConn, ClientIO, ParkedHello, Verdict
+from dvara_lib.proxy.acceptor import Acceptor
+from dvara_lib.proxy.client import Budget, ClientConn, ClientIO, ParkedHello, Verdict
 from dvara_lib.config import parse_args
-from dvara_lib.metrics import Metrics
-from dvara_lib.pool import Pool
-from dvara_lib.topology import Member, Topology
+from dvara_lib.observe.metrics import Metrics
+from dvara_lib.backend.pool import Pool
+from dvara_lib.backend.topology import Member, Topology
 from tests.helpers import wait_until
 
 REAL = "db1.example:27017"

@@ -13,9 +13,9 @@ import pytest
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 
-from dvara_lib import status_cli
-from dvara_lib.admin import AdminServer, prometheus_name
-from dvara_lib.metrics import COUNTER, GAUGE, MEASURES, Metrics
+from dvara_lib.observe import status_cli
+from dvara_lib.observe.admin import AdminServer, prometheus_name
+from dvara_lib.observe.metrics import COUNTER, GAUGE, MEASURES, Metrics
 from tests.helpers import accepts, free_port
 
 A, B = "127.0.0.1:27017", "127.0.0.1:27018"

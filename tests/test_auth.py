@@ -17,7 +17,8 @@ from bson.binary import Binary
 from pymongo import MongoClient
 from pymongo.errors import OperationFailure
 
-from dvara_lib import scram, wire
+from dvara_lib import wire
+from dvara_lib.security import scram
 from dvara_lib.config import parse_args
 from tests.helpers import Dvara, RawClient, Secantus, free_port, wait_until
 from tests.secure_helpers import (adduser, http_get, raw_login, secured_secantus,

@@ -1,4 +1,4 @@
-"""Frame assembly of dvara_lib.client.ClientConn over a socketpair()."""
+"""Frame assembly of dvara_lib.proxy.client.ClientConn over a socketpair()."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from typing import Iterator
 import pytest
 
 from dvara_lib import wire
-from dvara_lib.client import Budget, ClientConn, ClientIO, Fill
+from dvara_lib.proxy.client import Budget, ClientConn, ClientIO, Fill
 from dvara_lib.errors import ProtocolError
-from dvara_lib.metrics import Metrics
+from dvara_lib.observe.metrics import Metrics
 
 MEMBER = types.SimpleNamespace(proxy="127.0.0.1:40001", real="db1.example:27017",
                                stats=Metrics().member("db1.example:27017"))

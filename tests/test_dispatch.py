@@ -7,12 +7,13 @@ import threading
 import time
 from typing import Any
 
-from dvara_lib import discovery, wire
-from dvara_lib.client import Budget, ClientConn, ClientIO
-from dvara_lib.dispatch import Dispatcher
-from dvara_lib.metrics import Metrics
-from dvara_lib.pool import Pool
-from dvara_lib.topology import Member, Topology
+from dvara_lib import wire
+from dvara_lib.backend import discovery
+from dvara_lib.proxy.client import Budget, ClientConn, ClientIO
+from dvara_lib.proxy.dispatch import Dispatcher
+from dvara_lib.observe.metrics import Metrics
+from dvara_lib.backend.pool import Pool
+from dvara_lib.backend.topology import Member, Topology
 from tests.helpers import wait_until
 
 
@@ -130,7 +131,7 @@ def test_a_wake_up_brings_the_next_check_forward(monkeypatch: Any):
 
 
 def test_a_crew_wakes_the_worker_that_slept_last():
-    from dvara_lib.dispatch import Crew
+    from dvara_lib.proxy.dispatch import Crew
     used: list[str] = []
     done = threading.Semaphore(0)
 

@@ -22,9 +22,9 @@ from hypothesis import strategies as st
 from pymongo import MongoClient
 
 from dvara_lib import wire
-from dvara_lib.client import Budget, ClientConn, ClientIO, Fill
+from dvara_lib.proxy.client import Budget, ClientConn, ClientIO, Fill
 from dvara_lib.errors import ProtocolError
-from dvara_lib.metrics import Metrics
+from dvara_lib.observe.metrics import Metrics
 from tests.fuzz_harness import (Mutator, RelayHarness, check_decoders, split_points,
                                 throw_frames)
 from tests.helpers import Dvara, RawClient, wait_until

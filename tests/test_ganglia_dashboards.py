@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from dvara_lib.metrics import HISTOGRAM, MEASURES, metric_name
+from dvara_lib.observe.metrics import HISTOGRAM, MEASURES, metric_name
 from tests.ganglia_harness import HISTOGRAM_SUFFIXES, ganglia_names
 from tests.helpers import ROOT
 

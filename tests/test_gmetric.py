@@ -7,7 +7,7 @@ import struct
 
 import pytest
 
-from dvara_lib.gmetric import encode_metadata, encode_metric, encode_value, format_value
+from dvara_lib.observe.gmetric import encode_metadata, encode_metric, encode_value, format_value
 from tests.ganglia_harness import Gmond, capture_gmetric
 
 # (type, value we encode, the text we give gmetric, units, slope, tmax, dmax, group)

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator
 from prometheus_client.parser import text_string_to_metric_families
 from pymongo import MongoClient
 
-from dvara_lib.admin import prometheus_name
+from dvara_lib.observe.admin import prometheus_name
 from tests.helpers import Dvara, free_port, wait_until
 from tests.legacy_peers import LegacyClient, Mongod24
 

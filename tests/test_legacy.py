@@ -16,8 +16,9 @@ import bson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from dvara_lib import legacy, wire
-from dvara_lib.admin import prometheus_name
+from dvara_lib import wire
+from dvara_lib.proxy import legacy
+from dvara_lib.observe.admin import prometheus_name
 from tests.helpers import Dvara, RawClient, free_port
 from tests.helpers import wait_until as _wait_until
 from tests.legacy_peers import (BAD_QUERY, CURSOR_NOT_FOUND, DUP_KEY, EXHAUST, QUERY_FAILURE,

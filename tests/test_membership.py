@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from dvara_lib.membership import PortBook, wanted_members
+from dvara_lib.backend.membership import PortBook, wanted_members
 
 
 def _hello(me: str, primary: bool, hosts: list[str], **extra) -> dict:

@@ -1,4 +1,4 @@
-"""Counter, gauge and histogram math of dvara_lib.metrics, snapshots and thread safety."""
+"""Counter, gauge and histogram math of dvara_lib.observe.metrics, snapshots and thread safety."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dvara_lib.metrics import (COUNTER, GAUGE, HISTOGRAM, MEASURE_BY_NAME, MEASURES,
+from dvara_lib.observe.metrics import (COUNTER, GAUGE, HISTOGRAM, MEASURE_BY_NAME, MEASURES,
                                RESERVOIR_SIZE, Metrics, Sample, metric_name, percentile)
 
 A, B = "127.0.0.1:27017", "127.0.0.1:27018"

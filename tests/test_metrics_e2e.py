@@ -24,8 +24,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from pymongo import CursorType, MongoClient
 
 from dvara_lib import __version__, wire
-from dvara_lib.admin import prometheus_name
-from dvara_lib.metrics import COUNTER, GAUGE, HISTOGRAM, MEASURES, metric_name
+from dvara_lib.observe.admin import prometheus_name
+from dvara_lib.observe.metrics import COUNTER, GAUGE, HISTOGRAM, MEASURES, metric_name
 from tests.ganglia_harness import HISTOGRAM_SUFFIXES, Gmond, ganglia_names
 from tests.helpers import ROOT, Dvara, RawClient, Secantus, free_port, wait_until
 

@@ -1,4 +1,4 @@
-"""The bounded LIFO pool of dvara_lib.pool, over socketpair() connections."""
+"""The bounded LIFO pool of dvara_lib.backend.pool, over socketpair() connections."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 
 from dvara_lib import wire
 from dvara_lib.errors import ConnectionFailure, PoolTimeout
-from dvara_lib.pool import Pool, PoolStats, ServerConnection
+from dvara_lib.backend.pool import Pool, PoolStats, ServerConnection
 from tests.helpers import wait_until
 
 SLACK = 0.05

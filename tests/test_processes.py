@@ -30,7 +30,7 @@ def _workers(pid: int) -> list[int]:
             cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
         except OSError:
             continue
-        if int(stat[1]) == pid and b"dvara_lib.worker" in cmdline and _alive(int(entry)):
+        if int(stat[1]) == pid and b"dvara_lib.process.worker" in cmdline and _alive(int(entry)):
             out.append(int(entry))
     return sorted(out)
 

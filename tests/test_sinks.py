@@ -9,12 +9,12 @@ import time
 
 import pytest
 
-from dvara_lib.emitter import MetricsEmitter
+from dvara_lib.observe.emitter import MetricsEmitter
 from dvara_lib.errors import ConfigError
-from dvara_lib.gmetric import format_value
-from dvara_lib.metrics import Metrics, Sample
-from dvara_lib.sinks import Sink, open_sinks, parse_hostport
-from dvara_lib.sinks.ganglia import GangliaSink, _Target
+from dvara_lib.observe.gmetric import format_value
+from dvara_lib.observe.metrics import Metrics, Sample
+from dvara_lib.observe.sinks import Sink, open_sinks, parse_hostport
+from dvara_lib.observe.sinks.ganglia import GangliaSink, _Target
 from tests.ganglia_harness import Gmond, free_udp_port
 from tests.helpers import wait_until
 

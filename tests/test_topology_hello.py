@@ -10,10 +10,10 @@ from typing import Any
 import bson
 import pytest
 
-from dvara_lib import hello
-from dvara_lib.metrics import Metrics
-from dvara_lib.pool import Pool
-from dvara_lib.topology import (Member, Topology, format_address, normalize,
+from dvara_lib.proxy import hello
+from dvara_lib.observe.metrics import Metrics
+from dvara_lib.backend.pool import Pool
+from dvara_lib.backend.topology import (Member, Topology, format_address, normalize,
                                 parse_address)
 
 REALS = ("db1.example:27017", "db2.example:27017", "db3.example:27017")

@@ -41,15 +41,18 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from dvara_lib import auth, handoff, legacy, tls
-from dvara_lib.client import ClientConn, ClientIO, Fill, ParkedHello, Verdict
+from dvara_lib.security import auth
+from dvara_lib.process import handoff
+from dvara_lib.proxy import legacy
+from dvara_lib.security import tls
+from dvara_lib.proxy.client import ClientConn, ClientIO, Fill, ParkedHello, Verdict
 from dvara_lib.errors import ProtocolError
 
 if TYPE_CHECKING:
     from dvara_lib.config import Settings
-    from dvara_lib.dispatch import Dispatcher
-    from dvara_lib.relay import Relay
-    from dvara_lib.topology import Member
+    from dvara_lib.proxy.dispatch import Dispatcher
+    from dvara_lib.proxy.relay import Relay
+    from dvara_lib.backend.topology import Member
 
 log = logging.getLogger("dvara.acceptor")
 

@@ -13,8 +13,8 @@ import threading
 from typing import Optional, Sequence
 
 from dvara_lib.errors import ConfigError
-from dvara_lib.metrics import Metrics
-from dvara_lib.sinks import Sink
+from dvara_lib.observe.metrics import Metrics
+from dvara_lib.observe.sinks import Sink
 
 log = logging.getLogger("dvara.metrics")
 

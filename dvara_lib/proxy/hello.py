@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from dvara_lib import wire
 
 if TYPE_CHECKING:
-    from dvara_lib.topology import Member, Topology
+    from dvara_lib.backend.topology import Member, Topology
 
 HELLO_NAMES = frozenset({"hello", "isMaster", "ismaster"})
 #: The longest an awaitable hello is held (drivers ask for 10 s; a client asking for more

@@ -57,13 +57,14 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from bson.decimal128 import Decimal128
 
-from dvara_lib import hello, wire
-from dvara_lib.client import Verdict
-from dvara_lib.discovery import OP_MSG_WIRE_VERSION
+from dvara_lib import wire
+from dvara_lib.proxy import hello
+from dvara_lib.proxy.client import Verdict
+from dvara_lib.backend.discovery import OP_MSG_WIRE_VERSION
 
 if TYPE_CHECKING:
-    from dvara_lib.client import ClientConn
-    from dvara_lib.pool import ServerConnection
+    from dvara_lib.proxy.client import ClientConn
+    from dvara_lib.backend.pool import ServerConnection
 
 log = logging.getLogger("dvara.legacy")
 

@@ -34,10 +34,10 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Optional
 from dvara_lib import wire
 
 if TYPE_CHECKING:
-    from dvara_lib.auth import ClientAuth
-    from dvara_lib.legacy import LastError
-    from dvara_lib.pool import ServerConnection
-    from dvara_lib.topology import Member
+    from dvara_lib.security.auth import ClientAuth
+    from dvara_lib.proxy.legacy import LastError
+    from dvara_lib.backend.pool import ServerConnection
+    from dvara_lib.backend.topology import Member
 
 log = logging.getLogger("dvara.client")
 
@@ -128,7 +128,7 @@ class ParkedHello:
         self.counter = counter
 
 
-#: A TLS client's reader (dvara_lib.tls), called by fill() instead of a plain recv.
+#: A TLS client's reader (dvara_lib.security.tls), called by fill() instead of a plain recv.
 Reader = Callable[["ClientConn", int], Fill]
 
 
@@ -161,7 +161,7 @@ class ClientConn:
         self.lock = threading.Lock()
         self.busy = False           # a worker owns it (guarded by lock)
         self.pending = False        # it became readable while busy (guarded by lock)
-        self.auth: Optional["ClientAuth"] = None        # login state (dvara_lib.auth)
+        self.auth: Optional["ClientAuth"] = None        # login state (dvara_lib.security.auth)
         self.reader: Optional[Reader] = None
         sock.settimeout(None)
         if linger_allowed(sock) and io.linger > 0:
@@ -176,7 +176,7 @@ class ClientConn:
         mean the socket is empty: the acceptor does so when its event did not say the
         peer hung up, since arming the registration again reports anything left.
         """
-        if self.reader is not None:             # TLS (dvara_lib.tls)
+        if self.reader is not None:             # TLS (dvara_lib.security.tls)
             return self.reader(self, limit)
         got = 0
         while got < limit:

@@ -33,10 +33,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     """Entry point of ``python dvara.py`` and the ``dvara`` console script."""
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "status":
-        from dvara_lib.status_cli import main as status_main
+        from dvara_lib.observe.status_cli import main as status_main
         return status_main(argv[1:])
     if argv and argv[0] == "adduser":          # issue 7: users of --client-auth-file
-        from dvara_lib.userfile import adduser_main
+        from dvara_lib.security.userfile import adduser_main
         return adduser_main(argv[1:])
     settings = parse_args(argv)
     setup_logging(settings)
@@ -45,7 +45,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def _run(settings: Settings) -> int:
-    from dvara_lib.server import Server
+    from dvara_lib.process.server import Server
     demo = None
     try:
         if settings.demo:
@@ -67,7 +67,7 @@ def _run(settings: Settings) -> int:
 
 
 def _start_demo(settings: Settings) -> "object":
-    from dvara_lib.demo import DemoBackend
+    from dvara_lib.process.demo import DemoBackend
     demo = DemoBackend(settings.demo_port, settings.demo_data_dir)
     demo.start()
     return demo

@@ -18,13 +18,15 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from dvara_lib import auth, tls, wire
-from dvara_lib.dispatch import start_thread_pool
+from dvara_lib import wire
+from dvara_lib.security import auth
+from dvara_lib.security import tls
+from dvara_lib.proxy.dispatch import start_thread_pool
 from dvara_lib.errors import ConnectionFailure, DiscoveryError, ProtocolError
-from dvara_lib.topology import HOST_LIST_FIELDS, format_address, normalize
+from dvara_lib.backend.topology import HOST_LIST_FIELDS, format_address, normalize
 
 if TYPE_CHECKING:
-    from dvara_lib.topology import Member, Topology
+    from dvara_lib.backend.topology import Member, Topology
 
 log = logging.getLogger("dvara.discovery")
 
@@ -216,7 +218,7 @@ class DiscoveryThread(threading.Thread):
         self.app_version = app_version
         self.reconcile = reconcile
         #: Called (in this thread) after each check is applied, with whether the member
-        #: was up before it: the pools follow the member (dvara_lib.dataplane).
+        #: was up before it: the pools follow the member (dvara_lib.proxy.dataplane).
         self.on_checked: Callable[["Member", bool], None] = lambda member, was_up: None
         self._checks = start_thread_pool(monitor_threads, "dvara-monitor")
         self._monitors: dict[str, MemberMonitor] = {}

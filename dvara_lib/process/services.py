@@ -8,15 +8,15 @@ import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from dvara_lib import __version__
-from dvara_lib.admin import AdminServer
-from dvara_lib.emitter import MetricsEmitter
-from dvara_lib.metrics import Metrics
-from dvara_lib.sinks import open_sinks
-from dvara_lib.topology import format_address
+from dvara_lib.observe.admin import AdminServer
+from dvara_lib.observe.emitter import MetricsEmitter
+from dvara_lib.observe.metrics import Metrics
+from dvara_lib.observe.sinks import open_sinks
+from dvara_lib.backend.topology import format_address
 
 if TYPE_CHECKING:
     from dvara_lib.config import Settings
-    from dvara_lib.server import Server
+    from dvara_lib.process.server import Server
 
 log = logging.getLogger("dvara.services")
 

@@ -10,7 +10,7 @@
 # server sends them on that connection alone. A request that expects no reply pins its
 # server connection to the client until the client's next message, so that a read
 # after a w:0 write sees it, and so that a legacy getLastError reaches the connection
-# of the write it confirms (``dvara_lib.legacy`` keeps the pins and each client's last
+# of the write it confirms (``dvara_lib.proxy.legacy`` keeps the pins and each client's last
 # error). Then the worker serves the client's next message itself if it is already
 # buffered, or arrives within the linger time while no other message waits; otherwise
 # it lets the client go (``ClientConn.release``), which needs the acceptor only when
@@ -24,15 +24,18 @@ import struct
 import time
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
-from dvara_lib import auth, hello, legacy, wire
-from dvara_lib.client import ClientConn, Fill, ParkedHello, Verdict
+from dvara_lib import wire
+from dvara_lib.security import auth
+from dvara_lib.proxy import hello
+from dvara_lib.proxy import legacy
+from dvara_lib.proxy.client import ClientConn, Fill, ParkedHello, Verdict
 from dvara_lib.errors import (AuthenticationFailure, ConnectionFailure, PoolTimeout,
                               ProtocolError, ServerTimeout)
 
 if TYPE_CHECKING:
     from dvara_lib.config import Settings
-    from dvara_lib.pool import ServerConnection
-    from dvara_lib.topology import Member, Topology
+    from dvara_lib.backend.pool import ServerConnection
+    from dvara_lib.backend.topology import Member, Topology
 
 log = logging.getLogger("dvara.relay")
 

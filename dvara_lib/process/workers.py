@@ -2,7 +2,7 @@
 
 # design:
 # The parent keeps discovery, the listeners, signals, the pidfile, the metrics services
-# and the restart; each of N worker processes (dvara_lib.worker) runs a DataPlane of its
+# and the restart; each of N worker processes (dvara_lib.process.worker) runs a DataPlane of its
 # own; each has its own listening socket on every member's port (SO_REUSEPORT: the
 # kernel spreads new connections over them). The WorkerSet stands in the Server's place
 # for a local DataPlane: it passes each member (and worker i's listener, by
@@ -28,13 +28,13 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from dvara_lib.channel import Channel, ChannelClosed
-from dvara_lib.metrics import Metrics, _MemberState, merge_states
-from dvara_lib.topology import Member, Topology
+from dvara_lib.process.channel import Channel, ChannelClosed
+from dvara_lib.observe.metrics import Metrics, _MemberState, merge_states
+from dvara_lib.backend.topology import Member, Topology
 
 if TYPE_CHECKING:
     from dvara_lib.config import Settings
-    from dvara_lib.handoff import Sender
+    from dvara_lib.process.handoff import Sender
 
 log = logging.getLogger("dvara.workers")
 
@@ -176,7 +176,7 @@ class WorkerSet:
         channel, theirs = Channel.pair()
         env = {**os.environ, WORKER_ENV: f"{index}/{self.count}/{theirs.fileno()}"}
         with theirs:
-            proc = subprocess.Popen([sys.executable, "-m", "dvara_lib.worker"],
+            proc = subprocess.Popen([sys.executable, "-m", "dvara_lib.process.worker"],
                                     env=env, pass_fds=[theirs.fileno()],
                                     stdin=subprocess.DEVNULL)
         worker = _Worker(index, proc, channel)

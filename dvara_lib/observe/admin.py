@@ -17,8 +17,8 @@ from typing import Any, Callable, Iterator, Optional, Union
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from dvara_lib.metrics import COUNTER, GAUGE, MEASURES, PERCENTILES, Metrics, Sample
-from dvara_lib.sinks import parse_hostport
+from dvara_lib.observe.metrics import COUNTER, GAUGE, MEASURES, PERCENTILES, Metrics, Sample
+from dvara_lib.observe.sinks import parse_hostport
 
 log = logging.getLogger("dvara.admin")
 

@@ -24,15 +24,19 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Optional
 
-from dvara_lib import __version__, auth, handoff, lifecycle, tls
+from dvara_lib import __version__
+from dvara_lib.security import auth
+from dvara_lib.process import handoff
+from dvara_lib.process import lifecycle
+from dvara_lib.security import tls
 from dvara_lib.config import check_port_range
-from dvara_lib.dataplane import DataPlane, pin_to_cpu
-from dvara_lib.discovery import DiscoveryThread, discover
+from dvara_lib.proxy.dataplane import DataPlane, pin_to_cpu
+from dvara_lib.backend.discovery import DiscoveryThread, discover
 from dvara_lib.errors import ConfigError
-from dvara_lib.membership import PortBook, wanted_members
-from dvara_lib.metrics import Metrics
-from dvara_lib.pidfile import LOCK_FD_ENV, PidFile
-from dvara_lib.topology import Member, Topology, format_address
+from dvara_lib.backend.membership import PortBook, wanted_members
+from dvara_lib.observe.metrics import Metrics
+from dvara_lib.process.pidfile import LOCK_FD_ENV, PidFile
+from dvara_lib.backend.topology import Member, Topology, format_address
 
 if TYPE_CHECKING:
     from dvara_lib.config import Settings
@@ -104,7 +108,7 @@ class Server:
 
     def _make_plane(self) -> Any:
         if self.settings.processes > 1:
-            from dvara_lib.workers import WorkerSet
+            from dvara_lib.process.workers import WorkerSet
             return WorkerSet(self.settings, self.topology, self.metrics, self.discovery.wake)
         cpu = pin_to_cpu(self.settings.cpu_affinity, 0)
         if cpu is not None:
@@ -175,7 +179,7 @@ class Server:
 
     def _start_services(self) -> None:
         """The metrics emitter and admin endpoint, when configured."""
-        from dvara_lib.services import start_services
+        from dvara_lib.process.services import start_services
         self._services = start_services(self.settings, self.metrics, self.status)
 
     # -- running ----------------------------------------------------------------------------
@@ -263,8 +267,8 @@ class Server:
     def _restart_services(self, old: "Settings", new: "Settings") -> None:
         """Start the metrics services of new settings, then stop the old ones; if the new
         ones cannot start, the old ones keep running (and this raises)."""
-        from dvara_lib.admin import AdminServer
-        from dvara_lib.services import start_services
+        from dvara_lib.observe.admin import AdminServer
+        from dvara_lib.process.services import start_services
         keep_admin = old.admin_addr == new.admin_addr
         kept = [svc for svc in self._services if keep_admin and isinstance(svc, AdminServer)]
         started = start_services(new, self.metrics, self.status, skip_admin=keep_admin)
@@ -286,8 +290,8 @@ class Server:
 
     # -- status -----------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
-        """The /status document (see dvara_lib.admin)."""
-        from dvara_lib.services import status_document
+        """The /status document (see dvara_lib.observe.admin)."""
+        from dvara_lib.process.services import status_document
         return status_document(self)
 
 

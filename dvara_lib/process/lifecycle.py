@@ -13,14 +13,14 @@ import subprocess
 import sys
 from typing import TYPE_CHECKING
 
-from dvara_lib import handoff
+from dvara_lib.process import handoff
 from dvara_lib.config import parse_args
 from dvara_lib.errors import DvaraError
-from dvara_lib.pidfile import LOCK_FD_ENV
+from dvara_lib.process.pidfile import LOCK_FD_ENV
 
 if TYPE_CHECKING:
     from dvara_lib.config import Settings
-    from dvara_lib.server import Server
+    from dvara_lib.process.server import Server
 
 log = logging.getLogger("dvara.lifecycle")
 

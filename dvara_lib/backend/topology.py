@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
 
 import bson
 
-from dvara_lib.pool import Pool
+from dvara_lib.backend.pool import Pool
 
 if TYPE_CHECKING:
-    from dvara_lib.metrics import MemberMetrics
+    from dvara_lib.observe.metrics import MemberMetrics
 
 log = logging.getLogger("dvara.topology")
 

@@ -26,7 +26,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
-from dvara_lib import scram
+from dvara_lib.security import scram
 from dvara_lib.errors import ConfigError
 
 log = logging.getLogger("dvara.auth")

@@ -23,11 +23,11 @@ import ssl
 import time
 from typing import TYPE_CHECKING, Optional
 
-from dvara_lib.client import Fill
+from dvara_lib.proxy.client import Fill
 from dvara_lib.errors import ConfigError, ConnectionFailure
 
 if TYPE_CHECKING:
-    from dvara_lib.client import ClientConn
+    from dvara_lib.proxy.client import ClientConn
     from dvara_lib.config import Settings
 
 log = logging.getLogger("dvara.tls")

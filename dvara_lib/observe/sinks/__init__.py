@@ -6,9 +6,9 @@ import importlib
 from typing import Mapping, Optional, Protocol, Sequence, runtime_checkable
 
 from dvara_lib.errors import ConfigError
-from dvara_lib.metrics import Sample
+from dvara_lib.observe.metrics import Sample
 
-# Each kind is a module dvara_lib.sinks.<kind> with
+# Each kind is a module dvara_lib.observe.sinks.<kind> with
 #     open_sink(targets: list[str], interval: float) -> Sink
 # A statsd sink is one new module (sinks/statsd.py) plus one option that puts
 # "statsd": [...] into the mapping given to open_sinks().

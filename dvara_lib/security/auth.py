@@ -34,13 +34,14 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from bson.binary import Binary
 
-from dvara_lib import scram, wire
-from dvara_lib.client import Verdict
+from dvara_lib import wire
+from dvara_lib.security import scram
+from dvara_lib.proxy.client import Verdict
 from dvara_lib.errors import AuthenticationFailure, ConfigError
-from dvara_lib.userfile import User, UserFile
+from dvara_lib.security.userfile import User, UserFile
 
 if TYPE_CHECKING:
-    from dvara_lib.client import ClientConn
+    from dvara_lib.proxy.client import ClientConn
     from dvara_lib.config import Settings
 
 log = logging.getLogger("dvara.auth")

@@ -6,7 +6,7 @@
 # relay, the fixed worker pool (Dispatcher) and the acceptor. With --processes 1 the
 # Server runs one DataPlane beside discovery and they share the Member objects; with
 # --processes N each worker process runs one, fed with members and their states by the
-# parent (dvara_lib.worker). A process's part of every limit (server connections per
+# parent (dvara_lib.process.worker). A process's part of every limit (server connections per
 # member, clients in all, clients per IP) and of the connection-id space comes from its
 # ``Share``, so the processes together never exceed the configured limits.
 """
@@ -20,20 +20,21 @@ import os
 import socket
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from dvara_lib import __version__, auth, wire
-from dvara_lib.acceptor import Acceptor
-from dvara_lib.client import Budget, ClientIO, Tee
-from dvara_lib.discovery import connect, hello_request, run_hello
-from dvara_lib.dispatch import Dispatcher
+from dvara_lib import __version__, wire
+from dvara_lib.security import auth
+from dvara_lib.proxy.acceptor import Acceptor
+from dvara_lib.proxy.client import Budget, ClientIO, Tee
+from dvara_lib.backend.discovery import connect, hello_request, run_hello
+from dvara_lib.proxy.dispatch import Dispatcher
 from dvara_lib.errors import ConnectionFailure, ProtocolError
-from dvara_lib.metrics import MemberMetrics, Metrics
-from dvara_lib.pool import Pool, PoolStats
-from dvara_lib.relay import Relay
-from dvara_lib.topology import Member, Topology
+from dvara_lib.observe.metrics import MemberMetrics, Metrics
+from dvara_lib.backend.pool import Pool, PoolStats
+from dvara_lib.proxy.relay import Relay
+from dvara_lib.backend.topology import Member, Topology
 
 if TYPE_CHECKING:
     from dvara_lib.config import Settings
-    from dvara_lib.handoff import Sender
+    from dvara_lib.process.handoff import Sender
 
 log = logging.getLogger("dvara.dataplane")
 

@@ -27,12 +27,13 @@ import logging
 import threading
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from dvara_lib import hello, wire
+from dvara_lib import wire
+from dvara_lib.proxy import hello
 from dvara_lib.errors import ProtocolError
 
 if TYPE_CHECKING:
-    from dvara_lib.client import ClientConn, ParkedHello
-    from dvara_lib.topology import Member
+    from dvara_lib.proxy.client import ClientConn, ParkedHello
+    from dvara_lib.backend.topology import Member
 
 log = logging.getLogger("dvara.dispatch")
 

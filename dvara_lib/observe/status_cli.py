@@ -9,7 +9,7 @@ import urllib.request
 from typing import Any, Optional, Sequence, TextIO
 
 from dvara_lib.errors import ConfigError
-from dvara_lib.sinks import parse_hostport
+from dvara_lib.observe.sinks import parse_hostport
 
 # The document's shape is described in dvara_lib/admin.py.
 _MEMBER_COLUMNS = ("MEMBER", "PROXY", "STATE", "UP", "OPEN", "IN_USE", "WAITING", "MAX", "CLIENTS")

@@ -1,6 +1,6 @@
 """A worker process of a dvara with --processes N: one DataPlane, fed by the parent.
 
-    python -m dvara_lib.worker <dvara's arguments>   (started by dvara_lib.workers)
+    python -m dvara_lib.process.worker <dvara's arguments>   (started by dvara_lib.process.workers)
 
 # design:
 # The worker takes its parent's settings from its first message, then reads its control channel in
@@ -20,13 +20,14 @@ import socket
 import sys
 from typing import Any, Optional
 
-from dvara_lib import auth, tls
-from dvara_lib.app import setup_logging
-from dvara_lib.channel import Channel, ChannelClosed
-from dvara_lib.dataplane import DataPlane, Share, pin_to_cpu
-from dvara_lib.metrics import Metrics, thin
-from dvara_lib.topology import Member, Topology
-from dvara_lib.workers import WORKER_ENV
+from dvara_lib.security import auth
+from dvara_lib.security import tls
+from dvara_lib.process.app import setup_logging
+from dvara_lib.process.channel import Channel, ChannelClosed
+from dvara_lib.proxy.dataplane import DataPlane, Share, pin_to_cpu
+from dvara_lib.observe.metrics import Metrics, thin
+from dvara_lib.backend.topology import Member, Topology
+from dvara_lib.process.workers import WORKER_ENV
 
 log = logging.getLogger("dvara.worker")
 

@@ -10,9 +10,9 @@ import time
 from typing import Optional, Sequence
 
 from dvara_lib.errors import ConfigError
-from dvara_lib.gmetric import encode_metric
-from dvara_lib.metrics import MEASURE_BY_NAME, Sample
-from dvara_lib.sinks import parse_hostport
+from dvara_lib.observe.gmetric import encode_metric
+from dvara_lib.observe.metrics import MEASURE_BY_NAME, Sample
+from dvara_lib.observe.sinks import parse_hostport
 
 log = logging.getLogger("dvara.metrics")
 

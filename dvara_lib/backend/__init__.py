@@ -1,0 +1,1 @@
+"""The servers behind dvara: pooled connections, the topology, discovery."""

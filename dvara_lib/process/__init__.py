@@ -1,0 +1,1 @@
+"""The process: settings in, signals, restart, worker processes, the command line."""

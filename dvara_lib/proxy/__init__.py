@@ -1,0 +1,1 @@
+"""The data plane: clients, the acceptor, the workers and the relay."""

@@ -1,0 +1,1 @@
+"""Security: SCRAM, the user file, TLS contexts, the proxy's own login."""
