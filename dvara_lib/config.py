@@ -15,25 +15,22 @@ from typing import Any, Callable, Iterable, Mapping, NoReturn, Sequence
 
 import configargparse
 
+from dvara_lib.address import (MONGODB_PORT, Address, format_address, parse_address, parse_host,
+                               parse_port)
 from dvara_lib.errors import ConfigError
 
 __all__ = [
-    "Address",
     "Settings",
     "build_parser",
     "check_port_range",
     "describe",
-    "format_address",
-    "parse_address",
     "parse_args",
     "parse_duration",
     "parse_size",
 ]
 
 
-Address = tuple[str, int]  # (host, port); host lower-cased, IPv6 without brackets
 
-MONGODB_PORT = 27017
 GANGLIA_PORT = 8649
 ENV_PREFIX = "DVARA_"
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -119,56 +116,6 @@ def parse_duration(text: str) -> float:
     return sign * sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
 
 
-def _parse_port(text: str, what: str = "port") -> int:
-    """Parse a TCP port 1-65535. Can raise ValueError."""
-    try:
-        port = int(text.strip())
-    except ValueError:
-        raise ValueError(f"{what} must be an integer, got {text!r}") from None
-    if not 1 <= port <= 65535:
-        raise ValueError(f"{what} must be 1-65535, got {port}")
-    return port
-
-
-def _parse_host(text: str) -> str:
-    """Lower-case a host name or IP literal (brackets stripped). Can raise ValueError."""
-    host = text.strip()
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not host or any(c.isspace() or c in "[]/," for c in host):
-        raise ValueError(f"invalid host {text!r}")
-    return host.lower()
-
-
-def parse_address(text: str, default_port: int | None = MONGODB_PORT) -> Address:
-    """Parse "host", "host:port", "[::1]:port" or a bare IPv6 literal into (host, port).
-
-    default_port=None makes the port mandatory. Can raise ValueError.
-    """
-    s = text.strip()
-    if s.startswith("["):
-        host, sep, rest = s[1:].partition("]")
-        if not sep or (rest and not rest.startswith(":")):
-            raise ValueError(f"invalid address {text!r}, expected [ipv6]:port")
-        port_text = rest[1:] if rest else None
-    elif s.count(":") > 1:
-        host, port_text = s, None  # bare IPv6 literal, no port
-    else:
-        host, sep, port_text = s.partition(":")
-        port_text = port_text if sep else None
-    if port_text is None:
-        if default_port is None:
-            raise ValueError(f"address {text!r} needs a port (host:port)")
-        return _parse_host(host), default_port
-    return _parse_host(host), _parse_port(port_text, f"port in {text!r}")
-
-
-def format_address(addr: Address) -> str:
-    """Render (host, port) as host:port, bracketing IPv6 literals."""
-    host, port = addr
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def _split_list(text: str) -> list[str]:
     """Split a comma-separated list, dropping blanks."""
     return [item.strip() for item in text.split(",") if item.strip()]
@@ -198,7 +145,7 @@ def _int_at_least(low: int) -> Callable[[str], int]:
 
 def _port(text: str) -> int:
     try:
-        return _parse_port(text)
+        return parse_port(text)
     except ValueError as exc:
         raise _type_error(exc) from None
 
@@ -273,7 +220,7 @@ def _cpu_affinity(text: str) -> str | tuple[int, ...]:
 
 def _host(text: str) -> str:
     try:
-        return _parse_host(text)
+        return parse_host(text)
     except ValueError as exc:
         raise _type_error(exc) from None
 
@@ -314,7 +261,7 @@ def _member_map_entry(item: str) -> tuple[Address, int]:
     real, sep, proxy = item.rpartition("=")
     if not sep or not real.strip():
         raise ValueError(f"expected real-host:port=proxy-port, got {item!r}")
-    return parse_address(real), _parse_port(proxy, f"proxy port in {item!r}")
+    return parse_address(real), parse_port(proxy, f"proxy port in {item!r}")
 
 
 def _member_map(text: str) -> tuple[tuple[Address, int], ...]:
@@ -322,7 +269,7 @@ def _member_map(text: str) -> tuple[tuple[Address, int], ...]:
         entries = [_member_map_entry(item) for item in _split_list(text)]
     except ValueError as exc:
         raise _type_error(exc) from None
-    members = [format_address(real) for real, _ in entries]
+    members = [format_address(*real) for real, _ in entries]
     proxies = [str(proxy) for _, proxy in entries]
     for kind, values in (("member", members), ("proxy port", proxies)):
         dupes = sorted({v for v in values if values.count(v) > 1})
@@ -731,9 +678,9 @@ def _format_value(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:g}s"
     if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], int) and isinstance(value[0], str):
-        return format_address(value)
+        return format_address(*value)
     if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], int):
-        return f"{format_address(value[0])}={value[1]}"  # a member-map entry
+        return f"{format_address(*value[0])}={value[1]}"  # a member-map entry
     if isinstance(value, tuple):
         return ",".join(_format_value(item) for item in value) or "none"
     return str(value)

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from dvara_lib import config
-from dvara_lib.config import (Settings, check_port_range, describe, parse_address, parse_args,
-                              parse_duration, parse_size)
+from dvara_lib.address import parse_address
+from dvara_lib.config import (Settings, check_port_range, describe, parse_args, parse_duration,
+                              parse_size)
 from dvara_lib.errors import ConfigError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"

@@ -13,7 +13,7 @@ from dvara_lib.observe.emitter import MetricsEmitter
 from dvara_lib.errors import ConfigError
 from dvara_lib.observe.gmetric import format_value
 from dvara_lib.observe.metrics import Metrics, Sample
-from dvara_lib.observe.sinks import Sink, open_sinks, parse_hostport
+from dvara_lib.observe.sinks import Sink, open_sinks
 from dvara_lib.observe.sinks.ganglia import GangliaSink, _Target
 from tests.ganglia_harness import Gmond, free_udp_port
 from tests.helpers import wait_until
@@ -165,9 +165,6 @@ def test_open_sinks_and_targets():
         open_sinks({"graphite": ["h:1"]}, interval=10)
     with pytest.raises(ConfigError, match="--ganglia"):
         open_sinks({"ganglia": ["h:port"]}, interval=10)
-    assert parse_hostport("[::1]:8649", "--x") == ("::1", 8649)
-    with pytest.raises(ConfigError):
-        parse_hostport("nohost", "--admin-addr")
 
 
 def test_emitter_emits_each_interval_and_closes_promptly():

@@ -13,8 +13,7 @@ import pytest
 from dvara_lib.proxy import hello
 from dvara_lib.observe.metrics import Metrics
 from dvara_lib.backend.pool import Pool
-from dvara_lib.backend.topology import (Member, Topology, format_address, normalize,
-                                parse_address)
+from dvara_lib.backend.topology import Member, Topology
 
 REALS = ("db1.example:27017", "db2.example:27017", "db3.example:27017")
 PROXIES = ("127.0.0.1:40001", "127.0.0.1:40002", "127.0.0.1:40003")
@@ -85,41 +84,6 @@ def primary_hello(**changes: Any) -> dict[str, Any]:
 
 def secondary_hello() -> dict[str, Any]:
     return primary_hello(isWritablePrimary=False, secondary=True, me="db2.example:27017")
-
-
-# --- addresses -------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("text, expected", [
-    ("db1.example:27018", ("db1.example", 27018)),
-    ("DB1.Example:27018", ("db1.example", 27018)),
-    ("  db1.example:27018 ", ("db1.example", 27018)),
-    ("db1.example", ("db1.example", 27017)),
-    ("10.0.0.1:1", ("10.0.0.1", 1)),
-    ("[::1]:27019", ("::1", 27019)),
-    ("[FE80::1]:27019", ("fe80::1", 27019)),
-    ("[::1]", ("::1", 27017)),
-    ("::1", ("::1", 27017)),
-    ("2001:db8::5", ("2001:db8::5", 27017)),
-])
-def test_parse_address(text, expected):
-    assert parse_address(text) == expected
-
-
-@pytest.mark.parametrize("host, port, expected", [
-    ("db1.example", 27017, "db1.example:27017"),
-    ("10.0.0.1", 1, "10.0.0.1:1"),
-    ("::1", 27019, "[::1]:27019"),
-    ("2001:db8::5", 27017, "[2001:db8::5]:27017"),
-])
-def test_format_address_round_trips(host, port, expected):
-    assert format_address(host, port) == expected
-    assert parse_address(expected) == (host, port)
-
-
-def test_normalize():
-    assert normalize("DB1.example") == "db1.example:27017"
-    assert normalize("[::1]") == "[::1]:27017"
-    assert normalize("::1") == "[::1]:27017"
 
 
 # --- membership --------------------------------------------------------------------------------

@@ -23,7 +23,8 @@ from dvara_lib.security import auth
 from dvara_lib.security import tls
 from dvara_lib.proxy.dispatch import start_thread_pool
 from dvara_lib.errors import ConnectionFailure, DiscoveryError, ProtocolError
-from dvara_lib.backend.topology import HOST_LIST_FIELDS, format_address, normalize
+from dvara_lib.address import format_address, normalize
+from dvara_lib.backend.topology import HOST_LIST_FIELDS
 
 if TYPE_CHECKING:
     from dvara_lib.backend.topology import Member, Topology

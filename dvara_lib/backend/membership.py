@@ -14,7 +14,8 @@ import os
 import tempfile
 from typing import Any, Iterable, Optional
 
-from dvara_lib.backend.topology import HOST_LIST_FIELDS, format_address, normalize
+from dvara_lib.address import format_address, normalize
+from dvara_lib.backend.topology import HOST_LIST_FIELDS
 
 log = logging.getLogger("dvara.membership")
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
 
 import bson
 
+from dvara_lib.address import parse_address
 from dvara_lib.backend.pool import Pool
 
 if TYPE_CHECKING:
@@ -33,27 +34,6 @@ VOLATILE_FIELDS = frozenset({
 DROPPED_FIELDS = frozenset({
     "connectionId", "topologyVersion", "compression", "helloOk", "saslSupportedMechs",
     "speculativeAuthenticate", "localTime"})
-
-
-def format_address(host: str, port: int) -> str:
-    """host:port, with brackets around an IPv6 host."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def parse_address(text: str) -> tuple[str, int]:
-    """(host, port) from 'host:port' or '[v6]:port' (port defaults to 27017)."""
-    text = text.strip().lower()
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        return host, int(rest[1:]) if rest.startswith(":") else 27017
-    host, sep, port = text.rpartition(":")
-    if not sep or ":" in host:
-        return text, 27017
-    return host, int(port)
-
-
-def normalize(address: str) -> str:
-    return format_address(*parse_address(address))
 
 
 class Member:

@@ -18,7 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from dvara_lib.observe.metrics import COUNTER, GAUGE, MEASURES, PERCENTILES, Metrics, Sample
-from dvara_lib.observe.sinks import parse_hostport
+from dvara_lib.address import parse_option
 
 log = logging.getLogger("dvara.admin")
 
@@ -169,7 +169,7 @@ class AdminServer:
 
     def __init__(self, addr: Union[str, tuple[str, int]], metrics: Metrics,
                  status_fn: Optional[StatusFn] = None) -> None:
-        self.addr = parse_hostport(addr, "--admin-addr") if isinstance(addr, str) else addr
+        self.addr = parse_option(addr, "--admin-addr", lowest_port=0) if isinstance(addr, str) else addr
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(MetricsCollector(metrics))
         self.status_fn = status_fn or _no_status

@@ -9,7 +9,7 @@ import urllib.request
 from typing import Any, Optional, Sequence, TextIO
 
 from dvara_lib.errors import ConfigError
-from dvara_lib.observe.sinks import parse_hostport
+from dvara_lib.address import parse_option
 
 # The document's shape is described in dvara_lib/admin.py.
 _MEMBER_COLUMNS = ("MEMBER", "PROXY", "STATE", "UP", "OPEN", "IN_USE", "WAITING", "MAX", "CLIENTS")
@@ -34,7 +34,7 @@ def fetch_status(admin_addr: str, timeout: float = 5.0) -> dict:
     Can raise ConfigError for a malformed address, OSError (URLError) if the
     server cannot be reached and ValueError if the answer is not JSON.
     """
-    host, port = parse_hostport(admin_addr, "--admin-addr")
+    host, port = parse_option(admin_addr, "--admin-addr")
     if ":" in host:
         host = f"[{host}]"
     with urllib.request.urlopen(f"http://{host}:{port}/status", timeout=timeout) as resp:

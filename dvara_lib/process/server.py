@@ -36,7 +36,8 @@ from dvara_lib.errors import ConfigError
 from dvara_lib.backend.membership import PortBook, wanted_members
 from dvara_lib.observe.metrics import Metrics
 from dvara_lib.process.pidfile import LOCK_FD_ENV, PidFile
-from dvara_lib.backend.topology import Member, Topology, format_address
+from dvara_lib.address import format_address
+from dvara_lib.backend.topology import Member, Topology
 
 if TYPE_CHECKING:
     from dvara_lib.config import Settings

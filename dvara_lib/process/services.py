@@ -12,7 +12,7 @@ from dvara_lib.observe.admin import AdminServer
 from dvara_lib.observe.emitter import MetricsEmitter
 from dvara_lib.observe.metrics import Metrics
 from dvara_lib.observe.sinks import open_sinks
-from dvara_lib.backend.topology import format_address
+from dvara_lib.address import format_address
 
 if TYPE_CHECKING:
     from dvara_lib.config import Settings

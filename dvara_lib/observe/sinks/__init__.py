@@ -26,23 +26,6 @@ class Sink(Protocol):
         """Release sockets; emit() is not called again."""
 
 
-def parse_hostport(text: str, option: str, default_port: Optional[int] = None) -> tuple[str, int]:
-    """Split "host:port", "[v6addr]:port" (or a bare host when ``default_port`` is given).
-
-    Can raise ConfigError naming ``option``.
-    """
-    text = text.strip()
-    host, port = text, "" if default_port is None else str(default_port)
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else (port if not rest else "")
-    elif text.count(":") == 1:
-        host, port = text.split(":")
-    if not host or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise ConfigError(f"{option}: bad address {text!r}; expected host:port")
-    return host, int(port)
-
-
 def open_sinks(targets_by_kind: Mapping[str, Sequence[str]], interval: float) -> list[Sink]:
     """Return one sink per kind that has targets, e.g. {"ganglia": ["host:8649"]}.
 

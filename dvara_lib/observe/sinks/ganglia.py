@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 from dvara_lib.errors import ConfigError
 from dvara_lib.observe.gmetric import encode_metric
 from dvara_lib.observe.metrics import MEASURE_BY_NAME, Sample
-from dvara_lib.observe.sinks import parse_hostport
+from dvara_lib.address import parse_option
 
 log = logging.getLogger("dvara.metrics")
 
@@ -27,7 +27,7 @@ PACE_PAUSE = 0.002
 
 def parse_target(target: str) -> tuple[str, int]:
     """Split a --ganglia target "host:port" (or "host", port 8649).  Can raise ConfigError."""
-    host, port = parse_hostport(target, "--ganglia", DEFAULT_PORT)
+    host, port = parse_option(target, "--ganglia", DEFAULT_PORT)
     if port == 0:
         raise ConfigError(f"--ganglia: bad address {target!r}; port 0")
     return host, port
