@@ -42,3 +42,31 @@ class HaltServer(BaseException):
         super().__init__(reason)
         self.reason = reason
         self.exit_status = exit_status
+
+
+# -- MongoDB error codes dvara answers with (the server's error_codes.yml) -----------------
+
+HOST_UNREACHABLE = 6
+UNAUTHORIZED = 13
+AUTHENTICATION_FAILED = 18
+COMMAND_NOT_FOUND = 59
+INCOMPATIBLE_SERVER_VERSION = 188
+EXCEEDED_TIME_LIMIT = 262
+MECHANISM_UNAVAILABLE = 334
+
+CODE_NAMES = {
+    HOST_UNREACHABLE: "HostUnreachable", UNAUTHORIZED: "Unauthorized",
+    AUTHENTICATION_FAILED: "AuthenticationFailed",
+    COMMAND_NOT_FOUND: "CommandNotFound",
+    INCOMPATIBLE_SERVER_VERSION: "IncompatibleServerVersion",
+    EXCEEDED_TIME_LIMIT: "ExceededTimeLimit", MECHANISM_UNAVAILABLE: "MechanismUnavailable",
+}
+
+
+def error_doc(code: int, errmsg: str, retryable: bool = False) -> dict:
+    """The reply document of a command that failed with code (drivers read codeName, and
+    retry a write the RetryableWriteError label marks)."""
+    doc = {"ok": 0.0, "errmsg": errmsg, "code": code, "codeName": CODE_NAMES[code]}
+    if retryable:
+        doc["errorLabels"] = ["RetryableWriteError"]
+    return doc

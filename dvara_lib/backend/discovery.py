@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 from dvara_lib import wire
 from dvara_lib.security import auth
 from dvara_lib.security import tls
-from dvara_lib.proxy.dispatch import start_thread_pool
+from dvara_lib.threads import start_thread_pool
 from dvara_lib.errors import ConnectionFailure, DiscoveryError, ProtocolError
 from dvara_lib.address import format_address, normalize
 from dvara_lib.backend.topology import HOST_LIST_FIELDS
@@ -31,8 +31,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dvara.discovery")
 
-#: Wire version from which a server speaks OP_MSG (MongoDB 3.6).
-OP_MSG_WIRE_VERSION = 6
 #: However often checks are asked for, a member is checked at most this often (seconds).
 MIN_RECHECK = 0.25
 CLIENT_METADATA = {"driver": {"name": "dvara", "version": ""}, "os": {"type": "Linux"}}
@@ -45,7 +43,7 @@ def handshake_doc(app_version: str) -> dict[str, Any]:
 
 def hello_request(max_wire_version: int, first: bool, app_version: str = "") -> bytes:
     """The proxy's own hello: OP_MSG for 3.6+, legacy OP_QUERY isMaster otherwise."""
-    if first or max_wire_version < OP_MSG_WIRE_VERSION:
+    if first or max_wire_version < wire.OP_MSG_WIRE_VERSION:
         doc = handshake_doc(app_version) if first else {"isMaster": 1}
         return wire.op_query("admin.$cmd", doc)
     return wire.op_msg({"hello": 1, "$db": "admin"})
@@ -178,7 +176,7 @@ class MemberMonitor:
 
     def _status_names(self) -> list[str]:
         """Member names from replSetGetStatus; [] if the server won't say."""
-        if self.member.max_wire_version < OP_MSG_WIRE_VERSION:
+        if self.member.max_wire_version < wire.OP_MSG_WIRE_VERSION:
             request = wire.op_query("admin.$cmd", {"replSetGetStatus": 1})
         else:
             request = wire.op_msg({"replSetGetStatus": 1, "$db": "admin"})

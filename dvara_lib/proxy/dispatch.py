@@ -22,7 +22,6 @@
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import logging
 import threading
 from typing import TYPE_CHECKING, Any, Callable, Optional
@@ -30,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 from dvara_lib import wire
 from dvara_lib.proxy import hello
 from dvara_lib.errors import ProtocolError
+from dvara_lib.threads import start_thread_pool
 
 if TYPE_CHECKING:
     from dvara_lib.proxy.client import ClientConn, ParkedHello
@@ -227,21 +227,3 @@ def _answered_by_proxy(frame: bytes) -> bool:
             wire.command_name(frame))
     except ProtocolError:
         return False
-
-
-def start_thread_pool(count: int, prefix: str, loop: Optional[Callable[[], None]] = None
-                      ) -> concurrent.futures.ThreadPoolExecutor:
-    """A ThreadPoolExecutor with all its threads started now, so the count stays fixed;
-    with loop, each thread then runs loop() for its whole life."""
-    executor = concurrent.futures.ThreadPoolExecutor(count, thread_name_prefix=prefix)
-    barrier = threading.Barrier(count + 1)
-
-    def started() -> None:
-        barrier.wait(10)
-        if loop is not None:
-            loop()
-
-    for _ in range(count):
-        executor.submit(started)
-    barrier.wait(10)
-    return executor

@@ -60,7 +60,7 @@ from bson.decimal128 import Decimal128
 from dvara_lib import wire
 from dvara_lib.proxy import hello
 from dvara_lib.proxy.client import Verdict
-from dvara_lib.backend.discovery import OP_MSG_WIRE_VERSION
+from dvara_lib.errors import HOST_UNREACHABLE, INCOMPATIBLE_SERVER_VERSION, error_doc
 
 if TYPE_CHECKING:
     from dvara_lib.proxy.client import ClientConn
@@ -74,10 +74,6 @@ FOR_SHELL_COMMANDS = frozenset({"isMaster", "ismaster", "hello", "replSetGetStat
 LEGACY_WRITES = frozenset({wire.OP_INSERT, wire.OP_UPDATE, wire.OP_DELETE})
 #: OP_QUERY flag bit: the server streams every batch without waiting for OP_GET_MORE.
 QUERY_EXHAUST = 1 << 6
-
-# Error codes (MongoDB's error_codes.yml).
-HOST_UNREACHABLE = 6
-INCOMPATIBLE_SERVER_VERSION = 188
 
 # What to do with the server's reply to a message relayed on a pinned write.
 _CAPTURE = "capture"    # a getLastError: keep its reply, give the connection back
@@ -180,7 +176,7 @@ class Legacy:
                 name: Optional[str]) -> Optional[Verdict]:
         """OP_MSG stays on the fast path; it never reaches a server older than 3.6."""
         member = client.member
-        if member.max_wire_version < OP_MSG_WIRE_VERSION and not hello.is_hello(name):
+        if member.max_wire_version < wire.OP_MSG_WIRE_VERSION and not hello.is_hello(name):
             return self._refuse_op_msg(client, frame)
         state = client.last_error
         if state is not None:
@@ -245,15 +241,13 @@ class Legacy:
         """Answer an OP_MSG that the member could not read (or close a moreToCome one)."""
         member = client.member
         if member.answer is None:
-            doc = {"ok": 0.0, "code": HOST_UNREACHABLE, "codeName": "HostUnreachable",
-                   "errmsg": f"dvara: the server behind {member.proxy} has not answered yet",
-                   "errorLabels": ["RetryableWriteError"]}
+            doc = error_doc(HOST_UNREACHABLE, f"dvara: the server behind {member.proxy} has "
+                            "not answered yet", retryable=True)
         else:
-            doc = {"ok": 0.0, "code": INCOMPATIBLE_SERVER_VERSION,
-                   "codeName": "IncompatibleServerVersion",
-                   "errmsg": f"dvara: the server behind {member.proxy} speaks wire version "
-                             f"{member.max_wire_version} and does not understand OP_MSG; "
-                             "use a driver that speaks the legacy opcodes"}
+            doc = error_doc(INCOMPATIBLE_SERVER_VERSION,
+                            f"dvara: the server behind {member.proxy} speaks wire version "
+                            f"{member.max_wire_version} and does not understand OP_MSG; "
+                            "use a driver that speaks the legacy opcodes")
         if not wire.expects_reply(frame):
             log.info("closing %s: it sent OP_MSG (moreToCome) to %s, which cannot read it",
                      client, member.real)

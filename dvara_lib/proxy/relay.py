@@ -29,8 +29,9 @@ from dvara_lib.security import auth
 from dvara_lib.proxy import hello
 from dvara_lib.proxy import legacy
 from dvara_lib.proxy.client import ClientConn, Fill, ParkedHello, Verdict
-from dvara_lib.errors import (AuthenticationFailure, ConnectionFailure, PoolTimeout,
-                              ProtocolError, ServerTimeout)
+from dvara_lib.errors import (EXCEEDED_TIME_LIMIT, HOST_UNREACHABLE, AuthenticationFailure,
+                              ConnectionFailure, PoolTimeout, ProtocolError, ServerTimeout,
+                              error_doc)
 
 if TYPE_CHECKING:
     from dvara_lib.config import Settings
@@ -61,10 +62,6 @@ FIRST_CHECK_WAIT = 10.0
 #: How often a worker letting a client go reads what came meanwhile before it asks the
 #: acceptor to take over (a client trickling bytes cannot keep a worker).
 _RELEASE_TRIES = 4
-
-# Error codes drivers understand (see pymongo's retryable codes).
-EXCEEDED_TIME_LIMIT = 262
-HOST_UNREACHABLE = 6
 
 #: The header tail and flags of an OP_MSG with no flag set and its body section first.
 _PLAIN_OP_MSG = struct.pack("<iIB", wire.OP_MSG, 0, 0)
@@ -203,7 +200,7 @@ class Relay:
         if len(frame) < 27 or frame[12:21] != _PLAIN_OP_MSG or frame[25] == 0:
             return None
         if self.gate is not None or client.last_error is not None or client.pinned \
-                is not None or client.member.max_wire_version < legacy.OP_MSG_WIRE_VERSION:
+                is not None or client.member.max_wire_version < wire.OP_MSG_WIRE_VERSION:
             return None
         end = frame.find(b"\x00", 26)
         key = frame[26:end]
@@ -352,8 +349,7 @@ class Relay:
             return member.pool.checkout(self.settings.pool_wait_timeout)
         except PoolTimeout as exc:
             member.stats.incr("errors.timeout")
-            self._send_error(client, frame, EXCEEDED_TIME_LIMIT, "ExceededTimeLimit",
-                             f"dvara: {exc}")
+            self._send_error(client, frame, EXCEEDED_TIME_LIMIT, f"dvara: {exc}")
         except ConnectionFailure as exc:
             member.stats.incr("errors.proxy")
             # A refused login is no dead member; auth.py logs it, spaced out.
@@ -361,7 +357,7 @@ class Relay:
             (log.debug if login else log.warning)("cannot connect to %s: %s", member.real, exc)
             if not login:
                 self.on_server_failure(member)
-            self._send_error(client, frame, HOST_UNREACHABLE, "HostUnreachable",
+            self._send_error(client, frame, HOST_UNREACHABLE,
                              f"dvara: cannot reach the server behind {member.proxy}"
                              + (" (dvara cannot log in to it)" if login else ""))
         return None
@@ -464,13 +460,12 @@ class Relay:
             member.pool.clear()
             self.on_server_failure(member)
 
-    def _send_error(self, client: ClientConn, frame: bytes, code: int, code_name: str,
+    def _send_error(self, client: ClientConn, frame: bytes, code: int,
                     errmsg: str) -> None:
         """Answer a request the proxy could not relay, in the request's own protocol."""
         if not wire.expects_reply(frame):
             return
-        doc: dict[str, Any] = {"ok": 0.0, "errmsg": errmsg, "code": code,
-                               "codeName": code_name, "errorLabels": ["RetryableWriteError"]}
+        doc = error_doc(code, errmsg, retryable=True)
         op = wire.opcode(frame)
         if op == wire.OP_QUERY and wire.command_name(frame) is not None:
             client.send(wire.op_reply([doc], wire.request_id(frame)))

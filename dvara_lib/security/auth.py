@@ -37,7 +37,8 @@ from bson.binary import Binary
 from dvara_lib import wire
 from dvara_lib.security import scram
 from dvara_lib.proxy.client import Verdict
-from dvara_lib.errors import AuthenticationFailure, ConfigError
+from dvara_lib.errors import (AUTHENTICATION_FAILED, COMMAND_NOT_FOUND, MECHANISM_UNAVAILABLE,
+                              UNAUTHORIZED, AuthenticationFailure, ConfigError, error_doc)
 from dvara_lib.security.userfile import User, UserFile
 
 if TYPE_CHECKING:
@@ -46,20 +47,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dvara.auth")
 
-OP_MSG_WIRE_VERSION = 6
 _BACKOFF_FIRST, _BACKOFF_MAX = 0.5, 30.0
 _MAX_SASL_STEPS = 5
 
-# Error codes (MongoDB's error_codes.yml).
-UNAUTHORIZED = 13
-PROTOCOL_ERROR = 17
-AUTHENTICATION_FAILED = 18
-COMMAND_NOT_FOUND = 59
-MECHANISM_UNAVAILABLE = 334
-_CODE_NAMES = {UNAUTHORIZED: "Unauthorized", PROTOCOL_ERROR: "ProtocolError",
-               AUTHENTICATION_FAILED: "AuthenticationFailed",
-               COMMAND_NOT_FOUND: "CommandNotFound",
-               MECHANISM_UNAVAILABLE: "MechanismUnavailable"}
 
 #: Commands the gate always answers itself; none is ever relayed.
 AUTH_COMMANDS = frozenset({"saslStart", "saslContinue", "authenticate", "getnonce", "logout"})
@@ -148,7 +138,7 @@ class BackendLogin:
 
     def _command(self, sock: socket.socket, max_wire: int, doc: dict[str, Any]) -> dict[str, Any]:
         """Run one authentication command. Can raise AuthenticationFailure, ConnectionFailure."""
-        if max_wire >= OP_MSG_WIRE_VERSION:
+        if max_wire >= wire.OP_MSG_WIRE_VERSION:
             request = wire.op_msg({**doc, "$db": self.source})
         else:
             request = wire.op_query(f"{self.source}.$cmd", doc)
@@ -367,7 +357,7 @@ class Gate:
             log.info("closing %s: %s (the message expects no reply)", client, errmsg)
             return Verdict.CLOSE
         if op == wire.OP_MSG or name is not None:
-            return _reply(client, frame, _error(UNAUTHORIZED, errmsg), compressor)
+            return _reply(client, frame, error_doc(UNAUTHORIZED, errmsg), compressor)
         reply = wire.op_reply([{"$err": errmsg, "code": UNAUTHORIZED}], wire.request_id(frame),
                               flags=wire.REPLY_QUERY_FAILURE)
         return _send(client, reply, compressor)
@@ -412,19 +402,19 @@ class Gate:
                 client.auth = None
             return _reply(client, frame, {"ok": 1.0}, compressor)
         if self.users is None:
-            return _reply(client, frame, _error(
+            return _reply(client, frame, error_doc(
                 AUTHENTICATION_FAILED, "dvara takes no client logins here (it has no "
                 "--client-auth-file): connect without credentials"), compressor)
         if name == "getnonce":
-            return _reply(client, frame, _error(
+            return _reply(client, frame, error_doc(
                 COMMAND_NOT_FOUND, "no such command: getnonce (MONGODB-CR is not supported)"),
                 compressor)
         if name == "authenticate":
-            return _reply(client, frame, _error(
+            return _reply(client, frame, error_doc(
                 MECHANISM_UNAVAILABLE, f"dvara: mechanism {request.get('mechanism', 'MONGODB-CR')}"
                 f" is not supported; use SCRAM-SHA-256 or SCRAM-SHA-1"), compressor)
         if self.limiter.blocked(client.peer_ip):
-            return _reply(client, frame, _error(
+            return _reply(client, frame, error_doc(
                 AUTHENTICATION_FAILED, "Authentication failed: too many failed logins from "
                 f"{client.peer_ip}; try again later"), compressor)
         try:
@@ -486,7 +476,7 @@ class Gate:
             blocked = " (now refused for a while)" if count >= self.limiter.limit else ""
             log.warning("client login failed from %s as %r: %s (%d failure(s) from that "
                         "address this minute)%s", client.peer_ip, who, why, count, blocked)
-        return _reply(client, frame, _error(AUTHENTICATION_FAILED, "Authentication failed."),
+        return _reply(client, frame, error_doc(AUTHENTICATION_FAILED, "Authentication failed."),
                       compressor)
 
     def _decoy(self, username: str) -> tuple[bytes, int]:
@@ -528,10 +518,6 @@ def _request(frame: bytes) -> tuple[dict[str, Any], str]:
         return doc, str(doc.get("$db", "admin"))
     _, ns, _, _, doc = wire.decode_query(frame)
     return doc, ns.split(".", 1)[0]
-
-
-def _error(code: int, errmsg: str) -> dict[str, Any]:
-    return {"ok": 0.0, "errmsg": errmsg, "code": code, "codeName": _CODE_NAMES[code]}
 
 
 def _reply(client: "ClientConn", frame: bytes, doc: dict[str, Any],

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib
-from typing import Mapping, Optional, Protocol, Sequence, runtime_checkable
+from typing import Mapping, Protocol, Sequence, runtime_checkable
 
 from dvara_lib.errors import ConfigError
 from dvara_lib.observe.metrics import Sample
