@@ -78,7 +78,7 @@ class Settings:
     demo: bool
     demo_port: int
     demo_data_dir: str
-    # authentication and TLS (issue 7; dvara_lib.security.auth, dvara_lib.security.tls)
+    # authentication and TLS (dvara_lib.proxy.gate, dvara_lib.security)
     username: str | None
     password: str | None = dataclasses.field(repr=False)
     password_file: str | None

@@ -7,9 +7,8 @@ import logging
 import queue
 import socket
 import time
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator
 
-import bson
 import pytest
 
 from dvara_lib import wire

@@ -151,6 +151,24 @@ def test_parse_duration_rejects(text: str) -> None:
         parse_duration(text)
 
 
+@pytest.mark.parametrize("text, size", [("64MB", 64 << 20), ("1GB", 1 << 30), ("512kb", 512 << 10),
+                                        ("1.5G", 3 << 29), ("2048", 2048), (" 2m ", 2 << 20),
+                                        ("1 MB", 1 << 20)])
+def test_parse_size(text: str, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "MB", "1TB", "-1MB", "1.2.3MB", "x"])
+def test_parse_size_rejects(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_size(text)
+
+
+def test_max_buffered_bytes_must_be_at_least_a_megabyte(capsys: pytest.CaptureFixture[str]) -> None:
+    err = parse_error(capsys, "--max-buffered-bytes", "512KB")
+    assert err.startswith("dvara: error: --max-buffered-bytes: must be at least 1MB")
+
+
 @pytest.mark.parametrize(
     "name", [n for n in OPTION_NAMES if n.endswith(("-timeout", "-interval"))]
 )

@@ -17,7 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from dvara_lib import wire
-from dvara_lib.proxy import legacy
+from dvara_lib.proxy import legacy, session
 from dvara_lib.observe.admin import prometheus_name
 from tests.helpers import Dvara, RawClient, free_port
 from tests.helpers import wait_until as _wait_until
@@ -509,7 +509,7 @@ def test_for_shell_is_read_as_mongod_reads_it(value, expected):
 
 
 def test_prev_error_from_a_kept_reply():
-    state = legacy.LastError()
+    state = session.LastError()
     assert legacy.prev_error_doc(state) == {"err": None, "n": 0, "nPrev": -1, "ok": 1.0}
     state.reply = wire.op_reply([{"err": DUP_KEY, "code": 11000, "n": 0, "connectionId": 9,
                                   "ok": 1.0}], 1)

@@ -11,7 +11,7 @@ import pytest
 
 from dvara_lib.security import scram
 from dvara_lib.security import userfile
-from dvara_lib.security.auth import FailureLimiter
+from dvara_lib.proxy.gate import FailureLimiter
 from dvara_lib.errors import ConfigError
 
 # The example conversations of the MongoDB auth spec ("SCRAM-SHA-1", "SCRAM-SHA-256").
@@ -184,7 +184,7 @@ def test_user_file_reloads_when_it_changes(tmp_path: Path):
 
 def test_failure_limiter_counts_per_ip_and_forgets_after_the_window(monkeypatch):
     now = [1000.0]
-    monkeypatch.setattr("dvara_lib.security.auth.time.monotonic", lambda: now[0])
+    monkeypatch.setattr("dvara_lib.proxy.gate.time.monotonic", lambda: now[0])
     limiter = FailureLimiter(3, window=60.0, max_ips=2)
     for n in (1, 2):
         assert limiter.failed("10.0.0.1") == n

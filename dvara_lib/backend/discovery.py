@@ -19,11 +19,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from dvara_lib import wire
-from dvara_lib.security import auth
-from dvara_lib.security import tls
 from dvara_lib.threads import start_thread_pool
 from dvara_lib.errors import ConnectionFailure, DiscoveryError, ProtocolError
 from dvara_lib.address import format_address, normalize
+from dvara_lib.backend.connect import Backend, hello_request, run_hello
 from dvara_lib.backend.topology import HOST_LIST_FIELDS
 
 if TYPE_CHECKING:
@@ -33,47 +32,6 @@ log = logging.getLogger("dvara.discovery")
 
 #: However often checks are asked for, a member is checked at most this often (seconds).
 MIN_RECHECK = 0.25
-CLIENT_METADATA = {"driver": {"name": "dvara", "version": ""}, "os": {"type": "Linux"}}
-
-
-def handshake_doc(app_version: str) -> dict[str, Any]:
-    meta = {**CLIENT_METADATA, "driver": {"name": "dvara", "version": app_version}}
-    return {"isMaster": 1, "helloOk": True, "client": meta}
-
-
-def hello_request(max_wire_version: int, first: bool, app_version: str = "") -> bytes:
-    """The proxy's own hello: OP_MSG for 3.6+, legacy OP_QUERY isMaster otherwise."""
-    if first or max_wire_version < wire.OP_MSG_WIRE_VERSION:
-        doc = handshake_doc(app_version) if first else {"isMaster": 1}
-        return wire.op_query("admin.$cmd", doc)
-    return wire.op_msg({"hello": 1, "$db": "admin"})
-
-
-def run_hello(sock: socket.socket, request: bytes) -> dict[str, Any]:
-    """Send a hello on sock and return the reply document. Can raise ConnectionFailure."""
-    doc = wire.round_trip(sock, request)
-    if not doc.get("ok"):
-        raise ConnectionFailure(f"hello failed: {doc.get('errmsg', doc)}")
-    return doc
-
-
-def connect(address: tuple[str, int], timeout: float) -> socket.socket:
-    """A TCP connection to a server. Can raise ConnectionFailure."""
-    try:
-        sock = socket.create_connection(address, timeout=timeout)
-    except OSError as exc:
-        raise ConnectionFailure(f"cannot connect to {format_address(*address)}: {exc}") from exc
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return tls.wrap_backend(sock, address)   # issue 7: --backend-tls
-
-
-def probe(address: tuple[str, int], timeout: float) -> dict[str, Any]:
-    """One hello from a server on a short-lived connection. Can raise ConnectionFailure."""
-    sock = connect(address, timeout)
-    try:
-        return run_hello(sock, hello_request(0, first=True))
-    finally:
-        sock.close()
 
 
 @dataclass
@@ -85,14 +43,14 @@ class Discovered:
     hellos: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-def discover(seeds: list[tuple[str, int]], timeout: float) -> Discovered:
+def discover(backend: Backend, seeds: list[tuple[str, int]], timeout: float) -> Discovered:
     """Ask every seed for its hello; check they agree. Can raise DiscoveryError."""
     hellos: dict[str, dict[str, Any]] = {}
     failures = []
     for seed in seeds:
         name = format_address(*seed)
         try:
-            hellos[name] = probe(seed, timeout)
+            hellos[name] = backend.probe(seed, timeout)
         except (ConnectionFailure, ProtocolError) as exc:
             failures.append(f"{name}: {exc}")
             log.warning("seed %s did not answer: %s", name, exc)
@@ -133,10 +91,10 @@ def _add(members: list[str], host: str) -> None:
 class MemberMonitor:
     """The proxy's own monitoring connection to one member."""
 
-    def __init__(self, member: "Member", timeout: float, app_version: str) -> None:
+    def __init__(self, member: "Member", timeout: float, backend: Backend) -> None:
         self.member = member
         self.timeout = timeout
-        self.app_version = app_version
+        self.backend = backend
         self.failures = 0
         self._sock: Optional[socket.socket] = None
 
@@ -168,9 +126,7 @@ class MemberMonitor:
 
     def _hello(self) -> dict[str, Any]:
         if self._sock is None:
-            self._sock = connect(self.member.address, self.timeout)
-            hello = run_hello(self._sock, hello_request(0, True, self.app_version))
-            auth.login_monitor(self._sock, hello, self.member.real)   # issue 7
+            self._sock, hello = self.backend.open_monitor(self.member, self.timeout)
             return hello
         return run_hello(self._sock, hello_request(self.member.max_wire_version, False))
 
@@ -208,13 +164,13 @@ class DiscoveryThread(threading.Thread):
     Results are applied in this thread only (the topology's single writer)."""
 
     def __init__(self, topology: "Topology", interval: float, timeout: float,
-                 app_version: str = "", reconcile: Optional[Reconcile] = None,
+                 backend: Optional[Backend] = None, reconcile: Optional[Reconcile] = None,
                  monitor_threads: int = 4, seeds: tuple[tuple[str, int], ...] = ()) -> None:
         super().__init__(name="dvara-discovery", daemon=True)
         self.topology = topology
         self.interval = interval
         self.timeout = timeout
-        self.app_version = app_version
+        self.backend = backend or Backend()
         self.reconcile = reconcile
         #: Called (in this thread) after each check is applied, with whether the member
         #: was up before it: the pools follow the member (dvara_lib.proxy.dataplane).
@@ -331,7 +287,7 @@ class DiscoveryThread(threading.Thread):
             self._next_seed_probe = now + self.interval
             for seed in self.seeds:
                 self._seed_probes[format_address(*seed)] = self._checks.submit(
-                    probe, seed, self.timeout)
+                    self.backend.probe, seed, self.timeout)
         return found
 
     def _apply_finished(self) -> bool:
@@ -365,7 +321,7 @@ class DiscoveryThread(threading.Thread):
         monitor = self._monitors.get(member.real)
         if monitor is None or monitor.member is not member:
             monitor = self._monitors[member.real] = MemberMonitor(
-                member, self.timeout, self.app_version)
+                member, self.timeout, self.backend)
         return monitor
 
     def _forget(self, real: str) -> None:

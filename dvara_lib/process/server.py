@@ -25,12 +25,12 @@ import time
 from typing import TYPE_CHECKING, Any, Optional
 
 from dvara_lib import __version__
-from dvara_lib.security import auth
 from dvara_lib.process import handoff
 from dvara_lib.process import lifecycle
 from dvara_lib.security import tls
 from dvara_lib.config import check_port_range
 from dvara_lib.proxy.dataplane import DataPlane, pin_to_cpu
+from dvara_lib.backend.connect import Backend
 from dvara_lib.backend.discovery import DiscoveryThread, discover
 from dvara_lib.errors import ConfigError
 from dvara_lib.backend.membership import PortBook, wanted_members
@@ -83,14 +83,16 @@ class Server:
         """
         s = self.settings
         _raise_fd_limit()
-        tls.configure(s)                        # TLS and login on server connections
-        auth.configure_backend(s)
-        found = discover(list(s.addrs), timeout=min(_DISCOVERY_TIMEOUT, s.message_timeout))
+        tls.listener_context(s)                 # bad client-side files stop us before discovery
+        self.backend = Backend.from_settings(s, __version__)
+        found = discover(self.backend, list(s.addrs),
+                         timeout=min(_DISCOVERY_TIMEOUT, s.message_timeout))
         self.ports = PortBook(s.port_start, s.port_end, s.member_map, s.state_file)
         check_port_range(s, len([m for m in found.members if m not in self.ports.pinned]))
         self.topology = Topology(found.set_name)
         self.discovery = DiscoveryThread(
-            self.topology, s.discovery_interval, _check_timeout(s.discovery_interval), __version__,
+            self.topology, s.discovery_interval, _check_timeout(s.discovery_interval),
+            self.backend,
             reconcile=self.reconcile if found.set_name else None,
             monitor_threads=min(8, len(self.ports.ports) + len(s.member_map)), seeds=s.addrs)
         self.plane = self._make_plane()
@@ -114,7 +116,8 @@ class Server:
         cpu = pin_to_cpu(self.settings.cpu_affinity, 0)
         if cpu is not None:
             log.info("serving on CPU %d (--cpu-affinity)", cpu)
-        return DataPlane(self.settings, self.topology, self.metrics, self.discovery.wake)
+        return DataPlane(self.settings, self.topology, self.metrics, self.discovery.wake,
+                         self.backend)
 
     def connection_string(self) -> str:
         """The URI a client should use to reach the set through the proxy."""

@@ -12,7 +12,6 @@ from dvara_lib.observe.admin import AdminServer
 from dvara_lib.observe.emitter import MetricsEmitter
 from dvara_lib.observe.metrics import Metrics
 from dvara_lib.observe.sinks import open_sinks
-from dvara_lib.address import format_address
 
 if TYPE_CHECKING:
     from dvara_lib.config import Settings
@@ -33,7 +32,7 @@ def start_services(settings: "Settings", metrics: Metrics,
     """
     services: list[Any] = []
     try:
-        sinks = open_sinks({"ganglia": [format_address(*a) for a in settings.ganglia]},
+        sinks = open_sinks({"ganglia": list(settings.ganglia)},
                            settings.metrics_interval)
         if sinks:
             emitter = MetricsEmitter(metrics, sinks, settings.metrics_interval)

@@ -20,8 +20,8 @@ import socket
 import sys
 from typing import Any, Optional
 
-from dvara_lib.security import auth
-from dvara_lib.security import tls
+from dvara_lib import __version__
+from dvara_lib.backend.connect import Backend
 from dvara_lib.process.app import setup_logging
 from dvara_lib.process.channel import Channel, ChannelClosed
 from dvara_lib.proxy.dataplane import DataPlane, Share, pin_to_cpu
@@ -106,10 +106,10 @@ class Worker:
     def start(self, message: dict[str, Any]) -> None:
         """Build the data plane from the parent's first message, then say so."""
         settings = message["settings"]
-        tls.configure(settings)
-        auth.configure_backend(settings)
         self.topology = Topology(message["set_name"], message["process_id"])
-        self.plane = DataPlane(settings, self.topology, self.metrics, self._wake, self.share)
+        backend = Backend.from_settings(settings, __version__)
+        self.plane = DataPlane(settings, self.topology, self.metrics, self._wake, backend,
+                               self.share)
         self.plane.start()
         self.channel.send({"op": "ready"})
 

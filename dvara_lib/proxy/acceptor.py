@@ -41,10 +41,10 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from dvara_lib.security import auth
+from dvara_lib.proxy import gate
 from dvara_lib.process import handoff
 from dvara_lib.proxy import legacy
-from dvara_lib.security import tls
+from dvara_lib.proxy.clienttls import ClientTLS
 from dvara_lib.proxy.client import ClientConn, ClientIO, Fill, ParkedHello, Verdict
 from dvara_lib.errors import ProtocolError
 
@@ -116,7 +116,7 @@ class Acceptor(threading.Thread):
         self.dispatcher = dispatcher
         self.relay = relay
         self.io = io
-        self.tls = tls.ClientTLS.from_settings(settings)   # client TLS, or None
+        self.tls = ClientTLS.from_settings(settings)   # client TLS, or None
         self._selector = _OneShotSelector()
         io.rearm = self.rearm
         self._calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
@@ -545,7 +545,7 @@ class Acceptor(threading.Thread):
     def _let_go(self, client: ClientConn) -> None:
         """Move client to the new process if there is one and it can move, else close it."""
         sender, parked = self._sender, client.parked
-        login = auth.login_of(client)
+        login = gate.login_of(client)
         if sender is None or len(client.buf) > handoff.MAX_BUFFERED or client.closing \
                 or client.reader is not None or login is False:
             # A TLS session, or a login half done, lives in this process only.
@@ -567,7 +567,7 @@ class Acceptor(threading.Thread):
         client.took(meta["buf"])
         client.compressors = list(meta.get("compressors") or [])
         client.last_error = legacy.restore(meta.get("last_error"))
-        if not auth.restore_login(client, meta.get("login"), self.relay.gate):
+        if not gate.restore_login(client, meta.get("login"), self.relay.gate):
             log.warning("dropping a handed-over client of %s: its user is gone",
                         meta.get("login"))
             client.close()

@@ -34,8 +34,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Optional
 from dvara_lib import wire
 
 if TYPE_CHECKING:
-    from dvara_lib.security.auth import ClientAuth
-    from dvara_lib.proxy.legacy import LastError
+    from dvara_lib.proxy.session import ClientAuth, LastError
     from dvara_lib.backend.pool import ServerConnection
     from dvara_lib.backend.topology import Member
 
@@ -161,7 +160,7 @@ class ClientConn:
         self.lock = threading.Lock()
         self.busy = False           # a worker owns it (guarded by lock)
         self.pending = False        # it became readable while busy (guarded by lock)
-        self.auth: Optional["ClientAuth"] = None        # login state (dvara_lib.security.auth)
+        self.auth: Optional["ClientAuth"] = None        # login state (dvara_lib.proxy.gate)
         self.reader: Optional[Reader] = None
         sock.settimeout(None)
         if linger_allowed(sock) and io.linger > 0:

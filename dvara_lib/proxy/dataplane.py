@@ -20,13 +20,10 @@ import os
 import socket
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from dvara_lib import __version__, wire
-from dvara_lib.security import auth
 from dvara_lib.proxy.acceptor import Acceptor
 from dvara_lib.proxy.client import Budget, ClientIO, Tee
-from dvara_lib.backend.discovery import connect, hello_request, run_hello
+from dvara_lib.backend.connect import Backend
 from dvara_lib.proxy.dispatch import Dispatcher
-from dvara_lib.errors import ConnectionFailure, ProtocolError
 from dvara_lib.observe.metrics import MemberMetrics, Metrics
 from dvara_lib.backend.pool import Pool, PoolStats
 from dvara_lib.proxy.relay import Relay
@@ -38,7 +35,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dvara.dataplane")
 
-_CONNECT_TIMEOUT = 10.0
 #: How long stopping waits for the workers once their clients and connections are cut.
 _WORKER_STOP_WAIT = 5.0
 
@@ -106,8 +102,10 @@ class DataPlane:
     """
 
     def __init__(self, settings: "Settings", topology: Topology, metrics: Metrics,
-                 wake: Callable[[Member], None], share: Share = Share()) -> None:
+                 wake: Callable[[Member], None], backend: Backend,
+                 share: Share = Share()) -> None:
         self.share = share
+        self.backend = backend
         self.settings = share.limits(settings)
         self.topology = topology
         self.metrics = metrics
@@ -147,7 +145,7 @@ class DataPlane:
         [listener] = listeners
         s = self.settings
         stats = self.metrics.member(real)
-        pool = Pool(real, lambda: self._connect(member), s.max_connections,
+        pool = Pool(real, lambda: self.backend.open_pooled(member, self.settings.message_timeout), s.max_connections,
                     s.min_idle_connections, s.server_idle_timeout, _PoolMetrics(stats))
         stats.live_gauge("server.open", lambda: pool.open_count)
         stats.live_gauge("server.in_use", lambda: pool.in_use)
@@ -172,22 +170,6 @@ class DataPlane:
             member.pool.clear()
         elif member.up:
             member.pool.maintain()
-
-    def _connect(self, member: Member) -> socket.socket:
-        """A pooled server connection: TCP connect plus the proxy's own handshake."""
-        timeout = self.settings.message_timeout
-        auth.check_backoff(member.real)         # no new connection while logins fail
-        sock = connect(member.address, min(timeout, _CONNECT_TIMEOUT))
-        try:
-            hello = run_hello(sock, hello_request(member.max_wire_version, True, __version__))
-            auth.login(sock, hello, member.real)    # the proxy's own account
-            wire.set_io_timeout(sock, timeout)
-        except (ConnectionFailure, ProtocolError, OSError) as exc:
-            sock.close()
-            if isinstance(exc, ConnectionFailure):
-                raise
-            raise ConnectionFailure(f"handshake with {member.real} failed: {exc}") from exc
-        return sock
 
     # -- settings, status -------------------------------------------------------------------
     def apply_settings(self, settings: "Settings") -> None:

@@ -60,6 +60,7 @@ from bson.decimal128 import Decimal128
 from dvara_lib import wire
 from dvara_lib.proxy import hello
 from dvara_lib.proxy.client import Verdict
+from dvara_lib.proxy.session import LastError
 from dvara_lib.errors import HOST_UNREACHABLE, INCOMPATIBLE_SERVER_VERSION, error_doc
 
 if TYPE_CHECKING:
@@ -98,45 +99,6 @@ def restore(data: Optional[dict[str, Any]]) -> Optional["LastError"]:
     state.reply = None if data.get("reply") is None else base64.b64decode(data["reply"])
     state.nprev = int(data.get("nprev", 1))
     return state
-
-
-class LastError:
-    """What the proxy knows of one client's last error (mongod's per-connection LastError).
-
-    ``reply``: the server's OP_REPLY to the getLastError that followed the client's latest
-    write, once relayed (None: no write yet, or its outcome is unknown). ``nprev``:
-    messages since that write, counted as mongod counts them (1: it was the last one).
-    ``pending``: that write's outcome is still on the pinned server connection, unasked.
-    ``after``: what to do with the reply of the message being relayed.
-    """
-
-    __slots__ = ("reply", "nprev", "pending", "after")
-
-    def __init__(self) -> None:
-        self.reply: Optional[bytes] = None
-        self.nprev = 1
-        self.pending = False
-        self.after: Optional[str] = None
-
-    def wrote(self) -> None:
-        self.reply, self.nprev, self.pending = None, 1, True
-
-    def operation(self) -> None:
-        """Any message but the few mongod does not count: the write is no longer the last."""
-        self.nprev += 1
-        self.pending = False
-
-    def reset(self) -> None:
-        self.reply, self.nprev, self.pending = None, 1, False
-
-    def failed(self, connection_id: int, reply: bytes) -> None:
-        """A query failed: mongod's uassert made its error the last error."""
-        failure = wire.reply_document(reply)
-        doc: dict[str, Any] = {"err": str(failure.get("$err", ""))}
-        if failure.get("code"):
-            doc["code"] = failure["code"]
-        doc.update(n=0, connectionId=connection_id, ok=1.0)
-        self.reply, self.nprev, self.pending = wire.op_reply([doc], 0), 1, False
 
 
 class Legacy:

@@ -25,7 +25,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 from dvara_lib import wire
-from dvara_lib.security import auth
+from dvara_lib.proxy.gate import Gate
 from dvara_lib.proxy import hello
 from dvara_lib.proxy import legacy
 from dvara_lib.proxy.client import ClientConn, Fill, ParkedHello, Verdict
@@ -92,7 +92,7 @@ class Relay:
         self.on_server_failure = on_server_failure
         self.on_state_change = on_state_change
         self.legacy = legacy.Legacy(settings.get_last_error_timeout)
-        self.gate = auth.Gate.from_settings(settings)   # client logins, or None
+        self.gate = Gate.from_settings(settings)   # client logins, or None
         self.others_waiting: Callable[[], bool] = lambda: True
         self.acceptor_busy: Callable[[], bool] = lambda: False
         self.requeue: Callable[[ClientConn, bytes], None] = lambda client, frame: None
@@ -352,7 +352,7 @@ class Relay:
             self._send_error(client, frame, EXCEEDED_TIME_LIMIT, f"dvara: {exc}")
         except ConnectionFailure as exc:
             member.stats.incr("errors.proxy")
-            # A refused login is no dead member; auth.py logs it, spaced out.
+            # A refused login is no dead member; dvara_lib.security.login logs it, spaced out.
             login = isinstance(exc, AuthenticationFailure)
             (log.debug if login else log.warning)("cannot connect to %s: %s", member.real, exc)
             if not login:

@@ -14,7 +14,7 @@ import hashlib
 import hmac
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from dvara_lib.errors import DvaraError
 
@@ -286,3 +286,12 @@ def split_client_first(message: bytes) -> tuple[bytes, bytes]:
     if message.startswith(b"p="):
         raise ScramError("channel binding is not supported")
     raise ScramError("unsupported GS2 header (authorization identities are not supported)")
+
+
+def payload_bytes(payload: Any) -> bytes:
+    """A SASL payload as bytes (drivers send BSON binary, some base64 text)."""
+    if isinstance(payload, str):
+        return unb64(payload)
+    if isinstance(payload, (bytes, bytearray)):
+        return bytes(payload)
+    raise ScramError("SASL reply without a payload")

@@ -9,7 +9,7 @@ from dvara_lib.errors import ConfigError
 from dvara_lib.observe.metrics import Sample
 
 # Each kind is a module dvara_lib.observe.sinks.<kind> with
-#     open_sink(targets: list[str], interval: float) -> Sink
+#     open_sink(targets: list[tuple[str, int]], interval: float) -> Sink
 # A statsd sink is one new module (sinks/statsd.py) plus one option that puts
 # "statsd": [...] into the mapping given to open_sinks().
 KINDS = ("ganglia",)
@@ -26,10 +26,12 @@ class Sink(Protocol):
         """Release sockets; emit() is not called again."""
 
 
-def open_sinks(targets_by_kind: Mapping[str, Sequence[str]], interval: float) -> list[Sink]:
-    """Return one sink per kind that has targets, e.g. {"ganglia": ["host:8649"]}.
+def open_sinks(targets_by_kind: Mapping[str, Sequence[tuple[str, int]]], interval: float
+               ) -> list[Sink]:
+    """Return one sink per kind that has targets (addresses the configuration parsed),
+    e.g. {"ganglia": [("gmond.example", 8649)]}.
 
-    Can raise ConfigError for an unknown kind or a malformed target.
+    Can raise ConfigError for an unknown kind.
     """
     sinks: list[Sink] = []
     for kind, targets in targets_by_kind.items():

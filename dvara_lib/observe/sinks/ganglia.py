@@ -9,28 +9,18 @@ import socket
 import time
 from typing import Optional, Sequence
 
-from dvara_lib.errors import ConfigError
 from dvara_lib.observe.gmetric import encode_metric
 from dvara_lib.observe.metrics import MEASURE_BY_NAME, Sample
-from dvara_lib.address import parse_option
+from dvara_lib.address import format_address
 
 log = logging.getLogger("dvara.metrics")
 
-DEFAULT_PORT = 8649
 GROUP = "dvara"
 # Packets go out in bursts of PACE_BURST with PACE_PAUSE seconds between
 # them, so a gmond (default 208 KiB receive buffer) is not flooded: one
 # interval with 7 members is ~750 packets.
 PACE_BURST = 32
 PACE_PAUSE = 0.002
-
-
-def parse_target(target: str) -> tuple[str, int]:
-    """Split a --ganglia target "host:port" (or "host", port 8649).  Can raise ConfigError."""
-    host, port = parse_option(target, "--ganglia", DEFAULT_PORT)
-    if port == 0:
-        raise ConfigError(f"--ganglia: bad address {target!r}; port 0")
-    return host, port
 
 
 def _description(sample_name: str) -> Optional[str]:
@@ -48,7 +38,7 @@ class _Target:
         self.sock: Optional[socket.socket] = None
 
     def __str__(self) -> str:
-        return f"{self.host}:{self.port}"
+        return format_address(self.host, self.port)
 
     def open(self) -> socket.socket:
         """Resolve, create and connect the socket.  Can raise OSError."""
@@ -93,7 +83,7 @@ class GangliaSink:
     def __init__(self, targets: Sequence[str], interval: float, group: str = GROUP,
                  dmax: Optional[int] = None, hostname: Optional[str] = None,
                  spoof: Optional[str] = None, multicast_ttl: int = 1) -> None:
-        self.targets = [_Target(*parse_target(t), multicast_ttl) for t in targets]
+        self.targets = [_Target(host, port, multicast_ttl) for host, port in targets]
         self.group = group
         self.tmax = max(1, math.ceil(2 * interval))
         self.dmax = max(1, math.ceil(10 * interval)) if dmax is None else dmax
@@ -148,6 +138,6 @@ class GangliaSink:
             target.close()
 
 
-def open_sink(targets: list[str], interval: float) -> GangliaSink:
-    """Build the sink from --ganglia targets.  Can raise ConfigError."""
+def open_sink(targets: list[tuple[str, int]], interval: float) -> GangliaSink:
+    """Build the sink from the --ganglia addresses (host, port)."""
     return GangliaSink(targets, interval)

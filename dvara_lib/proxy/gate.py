@@ -1,24 +1,17 @@
-"""Authentication: the proxy's own login to servers, and the gate clients log in through.
+"""The gate clients log in through: the proxy as a SCRAM server, and what a login allows.
 
 # design:
-# Server side: ``configure_backend`` (at start) makes one process-wide ``BackendLogin``
-# from --username/--password(-file)/--auth-source/--auth-mechanism. Every pooled server
-# connection logs in right after its handshake, before the pool ever hands it out
-# (``login``); so does the monitoring connection (``login_monitor``), whose
-# replSetGetStatus needs it. A refused login backs the member off (0.5 s doubling to
-# 30 s): meanwhile new connections fail at once, without touching the server, and the
-# relay answers clients with an error instead of hammering the server or hanging.
-#
-# Client side: with --client-auth-file the ``Gate`` makes the proxy a SCRAM server.
-# A client's login state lives on its ClientConn (``client.auth``), touched only by the
-# thread that owns the client. The relay asks ``Gate.check`` about every message before
-# relaying it: one set lookup and two attribute reads for a logged-in read-write user.
-# The gate answers saslStart/saslContinue itself (and the speculativeAuthenticate of a
-# hello, through ``on_hello``) and never relays an authentication command: pooled server
-# connections are logged in as the proxy and shared by every client. Without
-# --client-auth-file but with --username, a gate still stands, only to refuse client
-# logins that would otherwise reach the shared connections. Failed logins are counted
-# per client IP; past --auth-failure-limit in a minute that IP's logins are refused.
+# With --client-auth-file the ``Gate`` makes the proxy a SCRAM server. A client's login
+# state lives on its ClientConn (``client.auth``), touched only by the thread that owns
+# the client. The relay asks ``Gate.check`` about every message before relaying it: one
+# set lookup and two attribute reads for a logged-in read-write user. The gate answers
+# saslStart/saslContinue itself (and the speculativeAuthenticate of a hello, through
+# ``on_hello``) and never relays an authentication command: pooled server connections
+# are logged in as the proxy (dvara_lib.security.login) and shared by every client.
+# Without --client-auth-file but with --username, a gate still stands, only to refuse
+# client logins that would otherwise reach the shared connections. Failed logins are
+# counted per client IP; past --auth-failure-limit in a minute that IP's logins are
+# refused.
 """
 
 from __future__ import annotations
@@ -27,7 +20,6 @@ import hashlib
 import hmac
 import logging
 import os
-import socket
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Optional
@@ -37,18 +29,17 @@ from bson.binary import Binary
 from dvara_lib import wire
 from dvara_lib.security import scram
 from dvara_lib.proxy.client import Verdict
+from dvara_lib.proxy.session import ClientAuth
 from dvara_lib.errors import (AUTHENTICATION_FAILED, COMMAND_NOT_FOUND, MECHANISM_UNAVAILABLE,
-                              UNAUTHORIZED, AuthenticationFailure, ConfigError, error_doc)
-from dvara_lib.security.userfile import User, UserFile
+                              UNAUTHORIZED, error_doc)
+from dvara_lib.security.userfile import UserFile
 
 if TYPE_CHECKING:
     from dvara_lib.proxy.client import ClientConn
     from dvara_lib.config import Settings
 
-log = logging.getLogger("dvara.auth")
+log = logging.getLogger("dvara.gate")
 
-_BACKOFF_FIRST, _BACKOFF_MAX = 0.5, 30.0
-_MAX_SASL_STEPS = 5
 
 
 #: Commands the gate always answers itself; none is ever relayed.
@@ -70,183 +61,6 @@ READ_COMMANDS = frozenset({
 })
 _READ_OPCODES = frozenset({wire.OP_QUERY, wire.OP_GET_MORE, wire.OP_KILL_CURSORS})
 _WRITE_STAGES = ("$out", "$merge")
-
-
-# ======================================================================================
-# The proxy's own login (server side)
-# ======================================================================================
-
-class BackendLogin:
-    """Logs server connections in as the proxy's account. Thread-safe."""
-
-    def __init__(self, username: str, password: str, source: str, mechanism: str) -> None:
-        self.username = username
-        self._password = password
-        self.source = source
-        self.mechanism = scram.check_mechanism(mechanism)
-        self._keys: dict = {}                  # (mechanism, salt, iterations) -> keys
-        self._lock = threading.Lock()
-        self._failures: dict[str, tuple[int, float, str]] = {}  # member -> n, retry at, why
-
-    def __repr__(self) -> str:
-        return f"<BackendLogin {self.source}.{self.username} {self.mechanism}>"
-
-    @property
-    def who(self) -> str:
-        return f"{self.source}.{self.username}"
-
-    def check_backoff(self, member: str) -> None:
-        """Fail at once while member's last login failure is recent. Can raise
-        AuthenticationFailure."""
-        failure = self._failures.get(member)
-        if failure is not None and time.monotonic() < failure[1]:
-            raise AuthenticationFailure(
-                f"dvara cannot log in to {member} as {self.who} ({failure[2]}); "
-                f"next try in {failure[1] - time.monotonic():.1f}s")
-
-    def login(self, sock: socket.socket, hello: dict[str, Any], member: str) -> None:
-        """Log sock in (right after its handshake). Can raise AuthenticationFailure, or
-        ConnectionFailure for a network error."""
-        if hello.get("arbiterOnly"):
-            return                            # arbiters hold no users (auth spec)
-        try:
-            self._converse(sock, int(hello.get("maxWireVersion", 0)))
-        except AuthenticationFailure as exc:
-            self._failed(member, str(exc))
-            raise
-        except scram.ScramError as exc:
-            self._failed(member, str(exc))
-            raise AuthenticationFailure(str(exc)) from exc
-        self._succeeded(member)
-
-    def _converse(self, sock: socket.socket, max_wire: int) -> None:
-        client = scram.ScramClient(self.mechanism, self.username, self._password, self._keys)
-        reply = self._command(sock, max_wire, {
-            "saslStart": 1, "mechanism": self.mechanism, "payload": Binary(client.first()),
-            "autoAuthorize": 1, "options": {"skipEmptyExchange": True}})
-        conversation = reply.get("conversationId")
-        final = client.final(_payload_bytes(reply.get("payload")))
-        reply = self._command(sock, max_wire, {"saslContinue": 1, "conversationId": conversation,
-                                               "payload": Binary(final)})
-        client.verify(_payload_bytes(reply.get("payload")))
-        for _ in range(_MAX_SASL_STEPS):
-            if reply.get("done"):
-                return
-            reply = self._command(sock, max_wire, {"saslContinue": 1, "payload": Binary(b""),
-                                                   "conversationId": conversation})
-        raise AuthenticationFailure("the server never ended the SASL conversation")
-
-    def _command(self, sock: socket.socket, max_wire: int, doc: dict[str, Any]) -> dict[str, Any]:
-        """Run one authentication command. Can raise AuthenticationFailure, ConnectionFailure."""
-        if max_wire >= wire.OP_MSG_WIRE_VERSION:
-            request = wire.op_msg({**doc, "$db": self.source})
-        else:
-            request = wire.op_query(f"{self.source}.$cmd", doc)
-        reply = wire.round_trip(sock, request)
-        if not reply.get("ok"):
-            raise AuthenticationFailure(
-                f"{reply.get('errmsg', 'refused')} (code {reply.get('code', '?')})")
-        return reply
-
-    def _failed(self, member: str, why: str) -> None:
-        with self._lock:
-            count, retry_at, _ = self._failures.get(member, (0, 0.0, ""))
-            now = time.monotonic()
-            if now >= retry_at:              # not a connection that raced the last failure
-                count += 1
-                retry_at = now + min(_BACKOFF_MAX, _BACKOFF_FIRST * 2 ** (count - 1))
-            self._failures[member] = (count, retry_at, why)
-        if count & (count - 1) == 0:        # the 1st, 2nd, 4th, 8th... failure
-            log.error("CANNOT LOG IN to %s as %s with %s: %s (%d failure(s)); its clients "
-                      "get errors until a login works; next try in %.1fs", member, self.who,
-                      self.mechanism, why, count, retry_at - time.monotonic())
-
-    def _succeeded(self, member: str) -> None:
-        if member in self._failures:
-            with self._lock:
-                count = self._failures.pop(member, (0,))[0]
-            log.info("logged in to %s as %s again after %d failure(s)", member, self.who, count)
-
-
-BACKEND: Optional[BackendLogin] = None
-
-
-def configure_backend(settings: "Settings") -> None:
-    """Set the proxy's own account from settings (none without --username).
-
-    Can raise ConfigError (an unreadable --password-file).
-    """
-    global BACKEND
-    if not settings.username:
-        BACKEND = None
-        return
-    BACKEND = BackendLogin(settings.username, backend_password(settings),
-                           settings.auth_source, settings.auth_mechanism)
-
-
-def backend_password(settings: "Settings") -> str:
-    """--password, or the first line of --password-file. Can raise ConfigError."""
-    if settings.password_file:
-        try:
-            with open(settings.password_file, encoding="utf-8") as f:
-                return f.readline().rstrip("\r\n")
-        except OSError as exc:
-            raise ConfigError(f"--password-file: cannot read {settings.password_file}: "
-                              f"{exc.strerror or exc}") from exc
-    return settings.password or ""
-
-
-def check_backoff(member: str) -> None:
-    """Hook for the pool's connector: fail fast while member's login is backed off."""
-    if BACKEND is not None:
-        BACKEND.check_backoff(member)
-
-
-def login(sock: socket.socket, hello: dict[str, Any], member: str) -> None:
-    """Hook for the pool's connector: log a new server connection in (no-op without
-    --username). Can raise AuthenticationFailure or ConnectionFailure."""
-    if BACKEND is not None:
-        BACKEND.login(sock, hello, member)
-
-
-def login_monitor(sock: socket.socket, hello: dict[str, Any], member: str) -> None:
-    """Hook for the monitoring connection. A refused login is not a dead member: hello
-    works without it, and only replSetGetStatus (then empty) needs it."""
-    if BACKEND is None:
-        return
-    try:
-        BACKEND.check_backoff(member)
-        BACKEND.login(sock, hello, member)
-    except AuthenticationFailure:
-        pass
-
-
-def _payload_bytes(payload: Any) -> bytes:
-    if isinstance(payload, str):
-        return scram.unb64(payload)
-    if isinstance(payload, (bytes, bytearray)):
-        return bytes(payload)
-    raise scram.ScramError("SASL reply without a payload")
-
-
-# ======================================================================================
-# The client gate (the proxy as a SCRAM server)
-# ======================================================================================
-
-class ClientAuth:
-    """One client's login state (``client.auth``)."""
-
-    __slots__ = ("user", "read_only", "conversation", "pending", "skip_empty", "as_text",
-                 "speculative")
-
-    def __init__(self) -> None:
-        self.user: Optional[User] = None       # logged in as
-        self.read_only = False
-        self.conversation: Optional[scram.ScramServer] = None
-        self.pending: Optional[User] = None    # the user the conversation is about
-        self.skip_empty = False
-        self.as_text = False                   # the client sends base64 strings
-        self.speculative = False               # the conversation began inside hello
 
 
 def login_of(client: "ClientConn") -> Any:
@@ -433,7 +247,7 @@ class Gate:
             raise scram.ScramError(f"mechanism {mechanism!r} is not supported")
         state = client.auth = client.auth or ClientAuth()
         state.as_text = isinstance(request.get("payload"), str)
-        client_first = _payload_bytes(request.get("payload"))
+        client_first = scram.payload_bytes(request.get("payload"))
         user = self.users.get(db, scram.ScramServer.user_of(client_first))
         credential = user.credentials.get(mechanism) if user else None
         state.conversation = scram.ScramServer(mechanism, credential, self._decoy)
@@ -449,7 +263,7 @@ class Gate:
         conversation = state.conversation if state is not None else None
         if conversation is None or request.get("conversationId", 1) != 1:
             raise scram.ScramError("no SASL conversation in progress on this connection")
-        payload = _payload_bytes(request.get("payload", b""))
+        payload = scram.payload_bytes(request.get("payload", b""))
         if conversation.done:                 # the client's empty last step
             state.conversation = None
             return {"conversationId": 1, "done": True, "payload": self._out(state, b"")}

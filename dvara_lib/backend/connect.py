@@ -1,0 +1,128 @@
+"""How the proxy opens its own connections to servers: TCP, TLS, handshake, login.
+
+# design:
+# One ``Backend`` per process, built from the settings at start, owns everything a new
+# server connection needs: the TLS context of --backend-tls, the proxy's own account
+# (dvara_lib.security.login) and the handshake. The pools (``open_pooled``), the
+# monitors (``open_monitor``) and the start-up probes (``probe``) all open their
+# connections through it, so there is one way to reach a server and no process-wide
+# state: a test or a worker process builds its own.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from typing import TYPE_CHECKING, Any, Optional
+
+from dvara_lib import wire
+from dvara_lib.address import format_address
+from dvara_lib.errors import ConnectionFailure, ProtocolError
+from dvara_lib.security.login import BackendLogin
+from dvara_lib.security.tls import backend_context_or_none
+
+if TYPE_CHECKING:
+    from dvara_lib.backend.topology import Member
+    from dvara_lib.config import Settings
+
+_CONNECT_TIMEOUT = 10.0
+CLIENT_METADATA = {"driver": {"name": "dvara", "version": ""}, "os": {"type": "Linux"}}
+
+
+def handshake_doc(app_version: str) -> dict[str, Any]:
+    meta = {**CLIENT_METADATA, "driver": {"name": "dvara", "version": app_version}}
+    return {"isMaster": 1, "helloOk": True, "client": meta}
+
+
+def hello_request(max_wire_version: int, first: bool, app_version: str = "") -> bytes:
+    """The proxy's own hello: OP_MSG for 3.6+, legacy OP_QUERY isMaster otherwise."""
+    if first or max_wire_version < wire.OP_MSG_WIRE_VERSION:
+        doc = handshake_doc(app_version) if first else {"isMaster": 1}
+        return wire.op_query("admin.$cmd", doc)
+    return wire.op_msg({"hello": 1, "$db": "admin"})
+
+
+def run_hello(sock: socket.socket, request: bytes) -> dict[str, Any]:
+    """Send a hello on sock and return the reply document. Can raise ConnectionFailure."""
+    doc = wire.round_trip(sock, request)
+    if not doc.get("ok"):
+        raise ConnectionFailure(f"hello failed: {doc.get('errmsg', doc)}")
+    return doc
+
+
+class Backend:
+    """Opens server connections. Thread-safe (the login is; the rest is read-only)."""
+
+    def __init__(self, tls: Optional[ssl.SSLContext] = None,
+                 login: Optional[BackendLogin] = None, app_version: str = "") -> None:
+        self.tls = tls
+        self.login = login
+        self.app_version = app_version
+
+    @classmethod
+    def from_settings(cls, settings: "Settings", app_version: str = "") -> "Backend":
+        """Can raise ConfigError (unreadable certificate, key or password file)."""
+        return cls(backend_context_or_none(settings), BackendLogin.from_settings(settings),
+                   app_version)
+
+    def connect(self, address: tuple[str, int], timeout: float) -> socket.socket:
+        """A TCP connection to a server, in TLS with --backend-tls (the certificate must
+        name address's host). Can raise ConnectionFailure."""
+        try:
+            sock = socket.create_connection(address, timeout=timeout)
+        except OSError as exc:
+            raise ConnectionFailure(
+                f"cannot connect to {format_address(*address)}: {exc}") from exc
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.tls is None:
+            return sock
+        try:
+            return self.tls.wrap_socket(sock, server_hostname=address[0])
+        except (ssl.SSLError, OSError) as exc:
+            sock.close()
+            raise ConnectionFailure(f"TLS handshake with {format_address(*address)} failed: "
+                                    f"{exc}") from exc
+
+    def probe(self, address: tuple[str, int], timeout: float) -> dict[str, Any]:
+        """One hello from a server on a short-lived connection. Can raise
+        ConnectionFailure."""
+        sock = self.connect(address, timeout)
+        try:
+            return run_hello(sock, hello_request(0, first=True))
+        finally:
+            sock.close()
+
+    def open_pooled(self, member: "Member", timeout: float) -> socket.socket:
+        """A connection for member's pool: handshake and login done, every read and
+        write then bounded by timeout. Can raise ConnectionFailure (AuthenticationFailure
+        when the login is refused or backed off)."""
+        if self.login is not None:
+            self.login.check_backoff(member.real)   # no new connection while logins fail
+        sock = self.connect(member.address, min(timeout, _CONNECT_TIMEOUT))
+        try:
+            hello = run_hello(sock, hello_request(member.max_wire_version, True,
+                                                  self.app_version))
+            if self.login is not None:
+                self.login.login(sock, hello, member.real)
+            wire.set_io_timeout(sock, timeout)
+        except (ConnectionFailure, ProtocolError, OSError) as exc:
+            sock.close()
+            if isinstance(exc, ConnectionFailure):
+                raise
+            raise ConnectionFailure(f"handshake with {member.real} failed: {exc}") from exc
+        return sock
+
+    def open_monitor(self, member: "Member", timeout: float
+                     ) -> tuple[socket.socket, dict[str, Any]]:
+        """A monitoring connection to member and its first hello; logged in if the
+        account is accepted (only replSetGetStatus needs it). Can raise
+        ConnectionFailure, ProtocolError."""
+        sock = self.connect(member.address, timeout)
+        try:
+            hello = run_hello(sock, hello_request(0, True, self.app_version))
+            if self.login is not None:
+                self.login.login_quietly(sock, hello, member.real)
+        except BaseException:
+            sock.close()
+            raise
+        return sock, hello

@@ -1,0 +1,156 @@
+"""The proxy's own login to servers: every server connection it opens logs in as its account.
+
+# design:
+# ``BackendLogin`` (built from --username/--password(-file)/--auth-source/
+# --auth-mechanism) logs a new server connection in right after its handshake, before
+# the pool ever hands it out; the monitoring connection logs in too, for its
+# replSetGetStatus. A refused login backs the member off (0.5 s doubling to 30 s):
+# meanwhile new connections fail at once, without touching the server, and the relay
+# answers clients with an error instead of hammering the server or hanging. The
+# dvara_lib.backend.connect.Backend owns the one BackendLogin of a process.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Optional
+
+from bson.binary import Binary
+
+from dvara_lib import wire
+from dvara_lib.errors import AuthenticationFailure, ConfigError
+from dvara_lib.security import scram
+
+if TYPE_CHECKING:
+    from dvara_lib.config import Settings
+
+log = logging.getLogger("dvara.auth")
+
+_BACKOFF_FIRST, _BACKOFF_MAX = 0.5, 30.0
+_MAX_SASL_STEPS = 5
+
+
+class BackendLogin:
+    """Logs server connections in as the proxy's account. Thread-safe."""
+
+    def __init__(self, username: str, password: str, source: str, mechanism: str) -> None:
+        self.username = username
+        self._password = password
+        self.source = source
+        self.mechanism = scram.check_mechanism(mechanism)
+        self._keys: dict = {}                  # (mechanism, salt, iterations) -> keys
+        self._lock = threading.Lock()
+        self._failures: dict[str, tuple[int, float, str]] = {}  # member -> n, retry at, why
+
+    @classmethod
+    def from_settings(cls, settings: "Settings") -> Optional["BackendLogin"]:
+        """The proxy's account per settings; None without --username. Can raise
+        ConfigError (an unreadable --password-file)."""
+        if not settings.username:
+            return None
+        return cls(settings.username, backend_password(settings), settings.auth_source,
+                   settings.auth_mechanism)
+
+    def login_quietly(self, sock: socket.socket, hello: dict[str, Any], member: str) -> None:
+        """Log a monitoring connection in. A refused login is not a dead member: hello
+        works without it, and only replSetGetStatus (then empty) needs it. Can raise
+        ConnectionFailure."""
+        try:
+            self.check_backoff(member)
+            self.login(sock, hello, member)
+        except AuthenticationFailure:
+            pass
+
+    def __repr__(self) -> str:
+        return f"<BackendLogin {self.source}.{self.username} {self.mechanism}>"
+
+    @property
+    def who(self) -> str:
+        return f"{self.source}.{self.username}"
+
+    def check_backoff(self, member: str) -> None:
+        """Fail at once while member's last login failure is recent. Can raise
+        AuthenticationFailure."""
+        failure = self._failures.get(member)
+        if failure is not None and time.monotonic() < failure[1]:
+            raise AuthenticationFailure(
+                f"dvara cannot log in to {member} as {self.who} ({failure[2]}); "
+                f"next try in {failure[1] - time.monotonic():.1f}s")
+
+    def login(self, sock: socket.socket, hello: dict[str, Any], member: str) -> None:
+        """Log sock in (right after its handshake). Can raise AuthenticationFailure, or
+        ConnectionFailure for a network error."""
+        if hello.get("arbiterOnly"):
+            return                            # arbiters hold no users (auth spec)
+        try:
+            self._converse(sock, int(hello.get("maxWireVersion", 0)))
+        except AuthenticationFailure as exc:
+            self._failed(member, str(exc))
+            raise
+        except scram.ScramError as exc:
+            self._failed(member, str(exc))
+            raise AuthenticationFailure(str(exc)) from exc
+        self._succeeded(member)
+
+    def _converse(self, sock: socket.socket, max_wire: int) -> None:
+        client = scram.ScramClient(self.mechanism, self.username, self._password, self._keys)
+        reply = self._command(sock, max_wire, {
+            "saslStart": 1, "mechanism": self.mechanism, "payload": Binary(client.first()),
+            "autoAuthorize": 1, "options": {"skipEmptyExchange": True}})
+        conversation = reply.get("conversationId")
+        final = client.final(scram.payload_bytes(reply.get("payload")))
+        reply = self._command(sock, max_wire, {"saslContinue": 1, "conversationId": conversation,
+                                               "payload": Binary(final)})
+        client.verify(scram.payload_bytes(reply.get("payload")))
+        for _ in range(_MAX_SASL_STEPS):
+            if reply.get("done"):
+                return
+            reply = self._command(sock, max_wire, {"saslContinue": 1, "payload": Binary(b""),
+                                                   "conversationId": conversation})
+        raise AuthenticationFailure("the server never ended the SASL conversation")
+
+    def _command(self, sock: socket.socket, max_wire: int, doc: dict[str, Any]) -> dict[str, Any]:
+        """Run one authentication command. Can raise AuthenticationFailure, ConnectionFailure."""
+        if max_wire >= wire.OP_MSG_WIRE_VERSION:
+            request = wire.op_msg({**doc, "$db": self.source})
+        else:
+            request = wire.op_query(f"{self.source}.$cmd", doc)
+        reply = wire.round_trip(sock, request)
+        if not reply.get("ok"):
+            raise AuthenticationFailure(
+                f"{reply.get('errmsg', 'refused')} (code {reply.get('code', '?')})")
+        return reply
+
+    def _failed(self, member: str, why: str) -> None:
+        with self._lock:
+            count, retry_at, _ = self._failures.get(member, (0, 0.0, ""))
+            now = time.monotonic()
+            if now >= retry_at:              # not a connection that raced the last failure
+                count += 1
+                retry_at = now + min(_BACKOFF_MAX, _BACKOFF_FIRST * 2 ** (count - 1))
+            self._failures[member] = (count, retry_at, why)
+        if count & (count - 1) == 0:        # the 1st, 2nd, 4th, 8th... failure
+            log.error("CANNOT LOG IN to %s as %s with %s: %s (%d failure(s)); its clients "
+                      "get errors until a login works; next try in %.1fs", member, self.who,
+                      self.mechanism, why, count, retry_at - time.monotonic())
+
+    def _succeeded(self, member: str) -> None:
+        if member in self._failures:
+            with self._lock:
+                count = self._failures.pop(member, (0,))[0]
+            log.info("logged in to %s as %s again after %d failure(s)", member, self.who, count)
+
+
+def backend_password(settings: "Settings") -> str:
+    """--password, or the first line of --password-file. Can raise ConfigError."""
+    if settings.password_file:
+        try:
+            with open(settings.password_file, encoding="utf-8") as f:
+                return f.readline().rstrip("\r\n")
+        except OSError as exc:
+            raise ConfigError(f"--password-file: cannot read {settings.password_file}: "
+                              f"{exc.strerror or exc}") from exc
+    return settings.password or ""
