@@ -5,20 +5,20 @@
 # DVARA_HANDOFF) and starts the new process with the listening sockets inherited
 # (DVARA_LISTEN_FDS). When the new process serves, it connects and sends READY. The old
 # one then stops accepting and sends each client between two messages as one packet:
-# a JSON description (member, bytes already read, negotiated compressors, a parked hello)
-# with the socket attached by SCM_RIGHTS. DONE ends the stream.
+# its description (dvara_lib.proxy.handover) with the socket attached by SCM_RIGHTS.
+# DONE ends the stream.
 """
 
 from __future__ import annotations
 
-import base64
-import json
 import logging
 import os
 import socket
 import tempfile
 import time
 from typing import Any, Callable, Optional
+
+from dvara_lib.proxy.handover import decode
 
 log = logging.getLogger("dvara.handoff")
 
@@ -27,8 +27,6 @@ LISTEN_FDS_ENV = "DVARA_LISTEN_FDS"
 READY = b"READY"
 DONE = b"DONE"
 _MAX_PACKET = 4 * 1024 * 1024
-#: Clients with more unread bytes than this are not moved (closed between messages).
-MAX_BUFFERED = 1024 * 1024
 
 
 def encode_listen_fds(fds: dict[int, list[int]]) -> str:
@@ -44,21 +42,6 @@ def inherited_listeners() -> dict[int, list[int]]:
         port, _, fds = item.partition("=")
         out[int(port)] = [int(fd) for fd in fds.split(":")]
     return out
-
-
-def describe(member: str, peer: tuple, buf: bytes, compressors: list[str],
-             parked: Optional[dict[str, Any]], **state: Any) -> bytes:
-    """One client, as JSON: its member, unread bytes, compressors, parked hello, and any
-    per-connection state (``login``: [db, user]; ``last_error``: legacy getLastError)."""
-    return json.dumps({"member": member, "peer": list(peer[:2]),
-                       "buf": base64.b64encode(buf).decode(), "compressors": compressors,
-                       "parked": parked, **state}).encode()
-
-
-def decode(data: bytes) -> dict[str, Any]:
-    meta = json.loads(data)
-    meta["buf"] = base64.b64decode(meta["buf"])
-    return meta
 
 
 class Sender:

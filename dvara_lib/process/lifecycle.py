@@ -11,7 +11,7 @@ import os
 import socket
 import subprocess
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional, Protocol
 
 from dvara_lib.process import handoff
 from dvara_lib.config import parse_args
@@ -20,7 +20,7 @@ from dvara_lib.process.pidfile import LOCK_FD_ENV
 
 if TYPE_CHECKING:
     from dvara_lib.config import Settings
-    from dvara_lib.process.server import Server
+    from dvara_lib.process.pidfile import PidFile
 
 log = logging.getLogger("dvara.lifecycle")
 
@@ -34,7 +34,22 @@ LIVE_SETTINGS = frozenset({
 _START_TIMEOUT = 60.0
 
 
-def replace_process(server: "Server") -> bool:
+class Server(Protocol):
+    """What a restart and a reload need of the running process (dvara_lib.process.server)."""
+
+    settings: "Settings"
+    argv: list[str]
+    cwd: str
+    pidfile: Optional["PidFile"]
+
+    def listener_fds(self) -> dict[int, list[int]]: ...
+
+    def apply_settings(self, settings: "Settings") -> None: ...
+
+    def stop(self, timeout: float = 5.0, sender: Optional[handoff.Sender] = None) -> None: ...
+
+
+def replace_process(server: Server) -> bool:
     """Start the current code on disk with our listeners; hand it our clients; True if done.
 
     If the new process fails to start, this one keeps serving (False).
@@ -80,7 +95,7 @@ def _abandon(proc: subprocess.Popen) -> None:
     log.error("the new dvara did not start (exit status %s); this one keeps serving", status)
 
 
-def reload(server: "Server") -> None:
+def reload(server: Server) -> None:
     """Re-read the configuration; apply what can change live, log what needs a restart."""
     try:
         new = parse_args(server.argv[1:])

@@ -25,19 +25,20 @@ import time
 from typing import TYPE_CHECKING, Any, Optional
 
 from dvara_lib import __version__
-from dvara_lib.process import handoff
-from dvara_lib.process import lifecycle
-from dvara_lib.security import tls
-from dvara_lib.config import check_port_range
-from dvara_lib.proxy.dataplane import DataPlane, pin_to_cpu
+from dvara_lib.address import format_address
 from dvara_lib.backend.connect import Backend
 from dvara_lib.backend.discovery import DiscoveryThread, discover
-from dvara_lib.errors import ConfigError
 from dvara_lib.backend.membership import PortBook, wanted_members
-from dvara_lib.observe.metrics import Metrics
-from dvara_lib.process.pidfile import LOCK_FD_ENV, PidFile
-from dvara_lib.address import format_address
 from dvara_lib.backend.topology import Member, Topology
+from dvara_lib.config import check_port_range
+from dvara_lib.errors import ConfigError
+from dvara_lib.observe.admin import AdminServer
+from dvara_lib.observe.metrics import Metrics
+from dvara_lib.process import handoff, lifecycle
+from dvara_lib.process.pidfile import LOCK_FD_ENV, PidFile
+from dvara_lib.process.services import start_services, status_document
+from dvara_lib.proxy.dataplane import DataPlane, pin_to_cpu
+from dvara_lib.security import tls
 
 if TYPE_CHECKING:
     from dvara_lib.config import Settings
@@ -183,7 +184,6 @@ class Server:
 
     def _start_services(self) -> None:
         """The metrics emitter and admin endpoint, when configured."""
-        from dvara_lib.process.services import start_services
         self._services = start_services(self.settings, self.metrics, self.status)
 
     # -- running ----------------------------------------------------------------------------
@@ -271,8 +271,6 @@ class Server:
     def _restart_services(self, old: "Settings", new: "Settings") -> None:
         """Start the metrics services of new settings, then stop the old ones; if the new
         ones cannot start, the old ones keep running (and this raises)."""
-        from dvara_lib.observe.admin import AdminServer
-        from dvara_lib.process.services import start_services
         keep_admin = old.admin_addr == new.admin_addr
         kept = [svc for svc in self._services if keep_admin and isinstance(svc, AdminServer)]
         started = start_services(new, self.metrics, self.status, skip_admin=keep_admin)
@@ -295,8 +293,8 @@ class Server:
     # -- status -----------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         """The /status document (see dvara_lib.observe.admin)."""
-        from dvara_lib.process.services import status_document
-        return status_document(self)
+        plane = self.plane.status() if self.plane is not None else {}
+        return status_document(self.settings, self.started, self.topology, plane)
 
 
 def _listen(host: str, port: int, inherited: list[int], count: int) -> list[socket.socket]:

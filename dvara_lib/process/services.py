@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from dvara_lib import __version__
 from dvara_lib.observe.admin import AdminServer
@@ -14,8 +14,8 @@ from dvara_lib.observe.metrics import Metrics
 from dvara_lib.observe.sinks import open_sinks
 
 if TYPE_CHECKING:
+    from dvara_lib.backend.topology import Topology
     from dvara_lib.config import Settings
-    from dvara_lib.process.server import Server
 
 log = logging.getLogger("dvara.services")
 
@@ -49,13 +49,14 @@ def start_services(settings: "Settings", metrics: Metrics,
     return services
 
 
-def status_document(server: "Server") -> dict[str, Any]:
-    """Members, pools, clients, uptime, version and config (secrets hidden)."""
-    plane = server.plane.status() if server.plane is not None else {}
+def status_document(settings: "Settings", started: float, topology: Optional["Topology"],
+                    plane: dict[str, Any]) -> dict[str, Any]:
+    """Members, pools, clients, uptime, version and config (secrets hidden); plane is
+    what the data plane says of its members, clients and workers."""
     counts = plane.get("clients", {"clients": 0, "busy": 0})
     served = plane.get("members", {})
     members = []
-    for m in server.topology.members() if server.topology else []:
+    for m in topology.members() if topology else []:
         mine = served.get(m.real, {})
         members.append({
             "member": m.real, "proxy": m.proxy, "state": m.state, "up": m.up,
@@ -64,14 +65,14 @@ def status_document(server: "Server") -> dict[str, Any]:
         })
     return {
         "version": __version__,
-        "uptime_s": round(time.time() - server.started, 1),
-        "set_name": server.topology.set_name if server.topology else None,
-        "processes": server.settings.processes,
+        "uptime_s": round(time.time() - started, 1),
+        "set_name": topology.set_name if topology else None,
+        "processes": settings.processes,
         "workers": plane.get("workers", []),
         "members": members,
         "clients": {"connected": counts["clients"], "busy": counts["busy"],
-                    "max": server.settings.max_client_connections},
-        "config": _public_config(server.settings),
+                    "max": settings.max_client_connections},
+        "config": _public_config(settings),
     }
 
 

@@ -34,7 +34,7 @@ from dvara_lib.backend.topology import Member, Topology
 
 if TYPE_CHECKING:
     from dvara_lib.config import Settings
-    from dvara_lib.process.handoff import Sender
+    from dvara_lib.proxy.handover import ClientSink
 
 log = logging.getLogger("dvara.workers")
 
@@ -75,7 +75,7 @@ class WorkerSet:
         self._lock = threading.Lock()
         self._selector = selectors.DefaultSelector()
         self._stopping = False
-        self._sender: Optional["Sender"] = None
+        self._sender: Optional["ClientSink"] = None
         self._next = itertools.cycle(range(self.count))
         self._thread = threading.Thread(target=self._run, name="dvara-workers", daemon=True)
         metrics.sources.append(self._collect)
@@ -151,7 +151,7 @@ class WorkerSet:
     def dead_thread(self) -> Optional[str]:
         return None if self._thread.is_alive() else self._thread.name
 
-    def stop(self, timeout: float, sender: Optional["Sender"] = None) -> None:
+    def stop(self, timeout: float, sender: Optional["ClientSink"] = None) -> None:
         """Have every worker drain (handing its clients to sender through this process,
         if there is one) and exit; kill those that do not within timeout + 5 s."""
         self._stopping, self._sender = True, sender

@@ -26,7 +26,6 @@
 
 from __future__ import annotations
 
-import base64
 import collections
 import errno
 import heapq
@@ -42,7 +41,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from dvara_lib.proxy import gate
-from dvara_lib.process import handoff
+from dvara_lib.proxy import handover
 from dvara_lib.proxy import legacy
 from dvara_lib.proxy.clienttls import ClientTLS
 from dvara_lib.proxy.client import ClientConn, ClientIO, Fill, ParkedHello, Verdict
@@ -136,7 +135,7 @@ class Acceptor(threading.Thread):
         self._running = True
         self.draining = False
         self._accept_error_logged = 0.0
-        self._sender: Optional[handoff.Sender] = None
+        self._sender: Optional[handover.ClientSink] = None
         self.drained = threading.Event()
         self._next_housekeeping = 0.0
 
@@ -165,7 +164,7 @@ class Acceptor(threading.Thread):
     def topology_changed(self, member: "Member") -> None:
         self.call_soon(lambda: self._answer_parked(member))
 
-    def drain(self, sender: Optional[handoff.Sender] = None) -> None:
+    def drain(self, sender: Optional[handover.ClientSink] = None) -> None:
         """Stop accepting; between two messages, close each client (or, with a sender,
         move it to the process that replaces this one); set ``drained`` when none is left.
         """
@@ -525,7 +524,7 @@ class Acceptor(threading.Thread):
                 self._close(client, "idle timeout")
 
     # -- draining and shutdown --------------------------------------------------------------
-    def _begin_drain(self, sender: Optional[handoff.Sender]) -> None:
+    def _begin_drain(self, sender: Optional[handover.ClientSink]) -> None:
         self.draining = True
         self._sender = sender
         for member in list(self._listeners):
@@ -544,19 +543,11 @@ class Acceptor(threading.Thread):
 
     def _let_go(self, client: ClientConn) -> None:
         """Move client to the new process if there is one and it can move, else close it."""
-        sender, parked = self._sender, client.parked
-        login = gate.login_of(client)
-        if sender is None or len(client.buf) > handoff.MAX_BUFFERED or client.closing \
-                or client.reader is not None or login is False:
-            # A TLS session, or a login half done, lives in this process only.
+        sender = self._sender
+        meta = None if sender is None else handover.describe(client)
+        if sender is None or meta is None:
             self._close(client, "draining")
             return
-        parked_meta = None if parked is None else {
-            "frame": base64.b64encode(parked.frame).decode(), "command": parked.command,
-            "exhaust": parked.exhaust}
-        meta = handoff.describe(client.member.real, client.peer, bytes(client.buf),
-                                client.compressors, parked_meta, login=login,
-                                last_error=legacy.describe(client.last_error))
         self._unregister(client.sock)
         moved = sender.send_client(client.sock, meta)
         self._close(client, "handed to the new process" if moved else "draining")
@@ -577,10 +568,9 @@ class Acceptor(threading.Thread):
             return
         parked = meta.get("parked")
         if parked:
-            frame = base64.b64decode(parked["frame"])
             client.take()
             self.dispatcher.submit_parked(client, self.relay.parked_now(
-                frame, parked["command"], parked["exhaust"]))
+                parked["frame"], parked["command"], parked["exhaust"]))
             return
         self._advance(client, unread=True)
 

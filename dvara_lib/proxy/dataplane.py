@@ -31,7 +31,7 @@ from dvara_lib.backend.topology import Member, Topology
 
 if TYPE_CHECKING:
     from dvara_lib.config import Settings
-    from dvara_lib.process.handoff import Sender
+    from dvara_lib.proxy.handover import ClientSink
 
 log = logging.getLogger("dvara.dataplane")
 
@@ -210,7 +210,7 @@ class DataPlane:
         self.acceptor.adopt(sock, meta, member)
         return True
 
-    def stop(self, timeout: float, sender: Optional["Sender"] = None) -> None:
+    def stop(self, timeout: float, sender: Optional["ClientSink"] = None) -> None:
         """Stop accepting; between two messages close every client (or hand it to the new
         process); wait up to timeout for messages in flight, then cut what is left. The
         workers are stopped before the acceptor closes its descriptors."""
