@@ -9,7 +9,7 @@ few messages the proxy answers or rewrites itself, the command document.
 from __future__ import annotations
 
 import ctypes
-import itertools
+import random
 import socket
 import ssl
 import struct
@@ -64,12 +64,11 @@ COMPRESSOR_IDS = {"noop": 0, "snappy": 1, "zlib": 2, "zstd": 3}
 #: What this proxy can decode, in its order of preference.
 SUPPORTED_COMPRESSORS = ("zlib",)
 
-_request_ids = itertools.count(1)
-
-
 def next_request_id() -> int:
-    """A request id for a message the proxy builds itself (wraps at 2**31)."""
-    return next(_request_ids) & 0x7FFFFFFF
+    """A request id for a message the proxy builds itself: random, as pymongo's are (a
+    server only echoes it in responseTo, and each connection has one request in
+    flight)."""
+    return random.randrange(1, 1 << 31)
 
 
 def check_length(length: int) -> None:

@@ -1,4 +1,5 @@
-"""Fixtures: real backends (SecantusDB) and dvara, each a subprocess on free loopback ports."""
+"""Markers by folder, and fixtures: real backends (SecantusDB) and dvara, each a subprocess
+on free loopback ports."""
 
 from __future__ import annotations
 
@@ -8,6 +9,19 @@ from typing import Callable, Iterator
 import pytest
 
 from tests.helpers import Dvara, RawClient, Secantus
+
+_KINDS = ("unit", "integration")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark each test by its folder (tests/unit, tests/integration), before -m selects."""
+    for item in items:
+        kind = next((k for k in _KINDS if k in item.path.parts), None)
+        if kind is None:
+            raise pytest.UsageError(f"{item.nodeid}: tests live in tests/unit or "
+                                    "tests/integration")
+        item.add_marker(kind)
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
 """In-process fuzzing of the frame reader, the wire decoders and the relay's handshake
-handling; shared by tests/test_fuzz.py (hypothesis, bounded) and scripts/fuzz.py (long runs).
+handling; shared by tests/unit/test_fuzz.py (hypothesis, bounded) and scripts/fuzz.py (long runs).
 
 # design:
 # Inputs are mutations of seed frames (hellos of every shape, legacy commands, writes,

@@ -40,7 +40,6 @@ log = logging.getLogger("dvara.pool")
 #: Opens a socket to a member and runs the proxy's own handshake on it.
 Connector = Callable[[], socket.socket]
 
-_conn_ids = itertools.count(1)
 _INT32 = struct.Struct("<i")
 _READ_CHUNK = 64 * 1024
 
@@ -52,11 +51,11 @@ class ServerConnection:
                  "closed", "pool", "spoiled", "pinned", "rest")
 
     def __init__(self, sock: socket.socket, generation: int,
-                 pool: Optional["Pool"] = None) -> None:
+                 pool: Optional["Pool"] = None, conn_id: int = 0) -> None:
         self.sock = sock
         self.generation = generation
         self.pool = pool
-        self.id = next(_conn_ids)
+        self.id = conn_id        # unique within its pool, for logs
         self.created = self.last_checkin = self.checked_out_at = time.monotonic()
         self.closed = False
         self.spoiled = False    # may hold unread bytes or failed: never reused
@@ -135,6 +134,7 @@ class Pool:
         self._lent: set[ServerConnection] = set()   # checked out now
         self.generation = 0
         self._closed = False
+        self._ids = itertools.count(1)
 
     # -- numbers for status and metrics ---------------------------------------------
     @property
@@ -228,7 +228,7 @@ class Pool:
                 self._total -= 1
                 self._notify()
             raise
-        conn = ServerConnection(sock, generation, self)
+        conn = ServerConnection(sock, generation, self, next(self._ids))
         with self._lock:
             self._lent.add(conn)
         self.stats.created()

@@ -8,7 +8,7 @@ import struct
 from typing import Iterable, Optional, Union
 
 # Layout (XDR, big-endian, every field padded to 4 bytes), as /usr/bin/gmetric
-# 3.7.2 sends it; tests/test_gmetric.py checks it byte for byte.
+# 3.7.2 sends it; tests/integration/test_gmetric.py checks it byte for byte.
 #
 #   metadata:  u32 128 (gmetadata_full)
 #              metric_id = string host, string name, bool spoof
@@ -47,17 +47,12 @@ _INT_RANGES = {
 TYPES = ("string", "int8", "uint8", "int16", "uint16", "int32", "uint32", "float", "double")
 
 _U32 = struct.Struct(">I")
-_HOSTNAME: Optional[str] = None
-
 Value = Union[int, float, str]
 
 
 def default_hostname() -> str:
     """Return the host name gmetric would put in its packets (gethostname())."""
-    global _HOSTNAME
-    if _HOSTNAME is None:
-        _HOSTNAME = socket.gethostname()
-    return _HOSTNAME
+    return socket.gethostname()
 
 
 def _xdr_string(text: str) -> bytes:

@@ -36,6 +36,7 @@ from dvara_lib.security.userfile import UserFile
 
 if TYPE_CHECKING:
     from dvara_lib.proxy.client import ClientConn
+    from dvara_lib.proxy.message import Message
     from dvara_lib.config import Settings
 
 log = logging.getLogger("dvara.gate")
@@ -142,12 +143,11 @@ class Gate:
         return None
 
     # -- every message -------------------------------------------------------------------
-    def check(self, client: "ClientConn", frame: bytes, op: int, name: Optional[str],
-              compressor: Optional[int]) -> Optional[Verdict]:
-        """None: relay the message. Else it was answered here: the verdict on the client.
-
-        Can raise ProtocolError.
+    def check(self, client: "ClientConn", msg: "Message") -> Optional[Verdict]:
+        """A step of the message chain: PASS (None) lets the message go on; else it was
+        answered here, and this is the verdict on the client. Can raise ProtocolError.
         """
+        frame, op, name, compressor = msg.frame, msg.op, msg.name, msg.compressor
         if name in AUTH_COMMANDS:
             return self._auth_command(client, frame, name, compressor)
         if self.users is None:

@@ -65,6 +65,7 @@ from dvara_lib.errors import HOST_UNREACHABLE, INCOMPATIBLE_SERVER_VERSION, erro
 
 if TYPE_CHECKING:
     from dvara_lib.proxy.client import ClientConn
+    from dvara_lib.proxy.message import Message
     from dvara_lib.backend.pool import ServerConnection
 
 log = logging.getLogger("dvara.legacy")
@@ -112,13 +113,14 @@ class Legacy:
         self.pin_timeout = pin_timeout
 
     # -- before a message -------------------------------------------------------------------
-    def handle(self, client: "ClientConn", frame: bytes, op: int, name: Optional[str],
-               compressor: Optional[int]) -> Optional[Verdict]:
-        """Update client's last error for one message; answer it if the proxy should.
+    def handle(self, client: "ClientConn", msg: "Message") -> Optional[Verdict]:
+        """A step of the message chain: update client's last error for one message, and
+        answer it if the proxy should.
 
-        Returns None when the message is to be relayed as usual, else the verdict on the
+        Returns PASS (None) when the message goes on as usual, else the verdict on the
         client once the proxy answered it (CLOSE if that failed). Can raise ProtocolError.
         """
+        frame, op, name, compressor = msg.frame, msg.op, msg.name, msg.compressor
         if op == wire.OP_MSG:
             return self._op_msg(client, frame, name)
         state = client.last_error

@@ -29,6 +29,7 @@ from dvara_lib.proxy.gate import Gate
 from dvara_lib.proxy import hello
 from dvara_lib.proxy import legacy
 from dvara_lib.proxy.client import ClientConn, Fill, ParkedHello, Verdict
+from dvara_lib.proxy.message import PASS, Message, Outcome, Step
 from dvara_lib.errors import (EXCEEDED_TIME_LIMIT, HOST_UNREACHABLE, AuthenticationFailure,
                               ConnectionFailure, PoolTimeout, ProtocolError, ServerTimeout,
                               error_doc)
@@ -69,8 +70,6 @@ _PLAIN_OP_MSG = struct.pack("<iIB", wire.OP_MSG, 0, 0)
 _SPECIAL_KEYS = frozenset(n.encode() for n in hello.HELLO_NAMES | REWRITTEN_REPLIES)
 _MUTATION_KEYS = frozenset(n.encode() for n in MUTATIONS)
 
-#: What handling one message comes to: go on (RESUME), close, or park a hello.
-Outcome = Union[Verdict, ParkedHello]
 Handback = Callable[[ClientConn, Verdict, Optional[ParkedHello]], None]
 
 
@@ -93,6 +92,8 @@ class Relay:
         self.on_state_change = on_state_change
         self.legacy = legacy.Legacy(settings.get_last_error_timeout)
         self.gate = Gate.from_settings(settings)   # client logins, or None
+        gate_step: list[Step] = [] if self.gate is None else [self.gate.check]
+        self._steps: list[Step] = [*gate_step, self.legacy.handle, self._hello_step]
         self.others_waiting: Callable[[], bool] = lambda: True
         self.acceptor_busy: Callable[[], bool] = lambda: False
         self.requeue: Callable[[ClientConn, bytes], None] = lambda client, frame: None
@@ -239,32 +240,24 @@ class Relay:
         return Verdict.RESUME if sent else Verdict.CLOSE
 
     def _serve_any(self, client: ClientConn, frame: bytes) -> Outcome:
-        """Any message: compressed, legacy, hello, authentication, streams, pins."""
-        compressor: Optional[int] = None
+        """Any message: compressed, legacy, hello, authentication, streams, pins. It goes
+        down the steps until one handles it; the relay to a server handles the rest."""
         stats = client.member.stats
         stats.incr("requests")
         stats.incr("bytes.in", len(frame))
-        op = wire.opcode(frame)
-        if op == wire.OP_COMPRESSED:
-            frame, compressor = wire.decompress(frame)
-            op = wire.opcode(frame)
-        if op not in wire.KNOWN_REQUEST_OPCODES or op == wire.OP_COMPRESSED:
-            raise ProtocolError(f"unsupported opcode {op}")
-        if op == wire.OP_MSG:
-            frame = wire.check_msg_flags(frame)
-        name = wire.command_name(frame)
-        if op in _LEGACY_WRITES or name in MUTATIONS:
+        msg = Message.read(frame)
+        if msg.op in _LEGACY_WRITES or msg.name in MUTATIONS:
             stats.incr("requests.mutations")
-        if self.gate is not None:
-            answered = self.gate.check(client, frame, op, name, compressor)
-            if answered is not None:
-                return answered
-        answered = self.legacy.handle(client, frame, op, name, compressor)
-        if answered is not None:
-            return answered
-        if hello.is_hello(name):
-            return self.answer_hello(client, frame, name, compressor)
-        return self._relay(client, frame, name, compressor)
+        for step in self._steps:
+            outcome = step(client, msg)
+            if outcome is not PASS:
+                return outcome
+        return self._relay(client, msg)
+
+    def _hello_step(self, client: ClientConn, msg: Message) -> Optional[Outcome]:
+        if not hello.is_hello(msg.name):
+            return PASS
+        return self.answer_hello(client, msg.frame, str(msg.name), msg.compressor)
 
     # -- hello ----------------------------------------------------------------------------
     def answer_hello(self, client: ClientConn, frame: bytes, name: str,
@@ -310,8 +303,8 @@ class Relay:
                            member.counter)
 
     # -- relaying -------------------------------------------------------------------------
-    def _relay(self, client: ClientConn, frame: bytes, name: Optional[str],
-               compressor: Optional[int]) -> Outcome:
+    def _relay(self, client: ClientConn, msg: Message) -> Outcome:
+        frame, name, compressor = msg.frame, msg.name, msg.compressor
         member = client.member
         start = time.monotonic()
         conn = self.legacy.take_pin(client)

@@ -16,7 +16,7 @@ from pymongo import MongoClient
 
 from dvara_lib import wire
 from tests.helpers import Dvara, RawClient, free_port, wait_until
-from tests.test_restart import Load, _alive, _pid, _stop_current
+from tests.integration.test_restart import Load, _alive, _pid, _stop_current
 
 
 def _workers(pid: int) -> list[int]:

@@ -13,7 +13,7 @@ from dvara_lib.config import (Settings, check_port_range, describe, parse_args, 
                               parse_size)
 from dvara_lib.errors import ConfigError
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 OPTION_NAMES = [opt.name for opt in config._OPTIONS]
 
 

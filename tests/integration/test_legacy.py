@@ -12,17 +12,16 @@ import threading
 import urllib.request
 from typing import Any, Callable, Iterator, NamedTuple
 
-import bson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from dvara_lib import wire
-from dvara_lib.proxy import legacy, session
+from dvara_lib.proxy import legacy
 from dvara_lib.observe.admin import prometheus_name
 from tests.helpers import Dvara, RawClient, free_port
 from tests.helpers import wait_until as _wait_until
-from tests.legacy_peers import (BAD_QUERY, CURSOR_NOT_FOUND, DUP_KEY, EXHAUST, QUERY_FAILURE,
-                                LegacyClient, Mongod24, Reply)
+from tests.legacy_peers import (BAD_QUERY, CURSOR_NOT_FOUND, EXHAUST, QUERY_FAILURE, LegacyClient,
+                                Mongod24, Reply)
 
 
 # -- fixtures and helpers ------------------------------------------------------------------------
@@ -496,23 +495,3 @@ def test_op_msg_never_reaches_a_wire_version_0_server(mongod, proxy):
     # Everything this server ever got (handshakes and monitoring included) is legacy.
     assert mongod.opcodes_seen() <= {"insert", "update", "delete", "query", "getmore",
                                      "killcursors", "command"}
-
-
-# -- small units ---------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("value, expected", [
-    (None, False), (False, False), (0, False), (0.0, False), (bson.Int64(0), False),
-    (bson.Decimal128("0"), False), (True, True), (1, True), (-2.5, True), ("", True),
-    ("no", True), ({}, True), ([], True)])
-def test_for_shell_is_read_as_mongod_reads_it(value, expected):
-    assert legacy._true_value(value) is expected
-
-
-def test_prev_error_from_a_kept_reply():
-    state = session.LastError()
-    assert legacy.prev_error_doc(state) == {"err": None, "n": 0, "nPrev": -1, "ok": 1.0}
-    state.reply = wire.op_reply([{"err": DUP_KEY, "code": 11000, "n": 0, "connectionId": 9,
-                                  "ok": 1.0}], 1)
-    state.nprev = 3
-    assert legacy.prev_error_doc(state) == {"err": DUP_KEY, "code": 11000, "n": 0, "nPrev": 3,
-                                            "ok": 1.0}

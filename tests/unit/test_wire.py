@@ -77,10 +77,10 @@ def test_header_accessors():
         wire.OP_QUERY, 11, 22)
 
 
-def test_next_request_id_is_positive_and_increasing():
-    ids = [wire.next_request_id() for _ in range(5)]
+def test_next_request_id_is_a_positive_int32():
+    ids = [wire.next_request_id() for _ in range(1000)]
     assert all(0 < i <= 0x7FFFFFFF for i in ids)
-    assert ids == sorted(ids) and len(set(ids)) == 5
+    assert len(set(ids)) > 990
 
 
 # --- command_name ------------------------------------------------------------------------
@@ -308,8 +308,9 @@ def test_op_msg_round_trip():
 
 
 def test_op_msg_assigns_request_ids():
-    a, b = wire.op_msg({"ping": 1}), wire.op_msg({"ping": 1})
-    assert 0 < wire.request_id(a) < wire.request_id(b)
+    frames = [wire.op_msg({"ping": 1}) for _ in range(100)]
+    assert all(wire.request_id(f) > 0 for f in frames)
+    assert len({wire.request_id(f) for f in frames}) > 95
 
 
 def test_op_reply_round_trip():
