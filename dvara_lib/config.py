@@ -416,7 +416,7 @@ _OPTIONS: tuple[_Option, ...] = (
             action="append", default_text="none"),
     _Option("metrics-interval", _duration, "10s", "metrics", "DURATION",
             "how often metrics are sent"),
-    # authentication (issue 7)
+    # authentication: the proxy's own account, and its clients' logins
     _Option("username", _optional_text, None, "auth", "NAME",
             "the proxy's own user: every server connection logs in as it", default_text="none"),
     _Option("password", _optional_text, None, "auth", "PASSWORD",
@@ -431,7 +431,7 @@ _OPTIONS: tuple[_Option, ...] = (
             default_text="none: clients are trusted"),
     _Option("auth-failure-limit", _int_at_least(1), "10", "auth", "N",
             "failed client logins per client IP per minute before its logins are refused"),
-    # TLS (issue 7)
+    # TLS: on the listeners, and on server connections
     _Option("tls-mode", _choice("disabled", "allow", "require"), None, "tls", "MODE",
             "TLS for clients: disabled, allow (TLS and plain on one port) or require",
             default_text="require with --tls-cert-file, else disabled"),
@@ -609,7 +609,7 @@ def _cross_check(ns: argparse.Namespace) -> str | None:
 
 
 def _cross_check_security(ns: argparse.Namespace) -> str | None:
-    """Authentication and TLS settings that need or exclude one another (issue 7)."""
+    """Authentication and TLS settings that need or exclude one another."""
     needs = [
         (ns.password and ns.password_file, "--password/--password-file: give one, not both"),
         (ns.username and not (ns.password or ns.password_file),

@@ -24,6 +24,7 @@ Methods for callers:
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import logging
 import socket
@@ -96,10 +97,8 @@ class ServerConnection:
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            try:
+            with contextlib.suppress(OSError):
                 self.sock.close()
-            except OSError:
-                pass
 
     def __repr__(self) -> str:
         return f"<ServerConnection #{self.id} gen {self.generation}>"
@@ -271,10 +270,7 @@ class Pool:
         """Retire every connection opened so far (after a network error)."""
         with self._lock:
             self.generation += 1
-            stale = list(self._idle)
-            self._idle.clear()
-            self._total -= len(stale)
-            self._notify(all_waiters=True)
+            stale = self._take_idle()
         for conn in stale:
             self._discard(conn)
         if stale:
@@ -323,9 +319,15 @@ class Pool:
     def close(self) -> None:
         with self._lock:
             self._closed = True
-            stale = list(self._idle)
-            self._idle.clear()
-            self._total -= len(stale)
-            self._notify(all_waiters=True)
+            stale = self._take_idle()
         for conn in stale:
             self._discard(conn)
+
+    def _take_idle(self) -> list[ServerConnection]:
+        """Take every idle connection out of the pool and wake the waiters (they re-check
+        the pool); the caller holds the lock, and closes what it took after releasing it."""
+        stale = list(self._idle)
+        self._idle.clear()
+        self._total -= len(stale)
+        self._notify(all_waiters=True)
+        return stale

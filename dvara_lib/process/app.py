@@ -35,7 +35,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if argv and argv[0] == "status":
         from dvara_lib.observe.status_cli import main as status_main
         return status_main(argv[1:])
-    if argv and argv[0] == "adduser":          # issue 7: users of --client-auth-file
+    if argv and argv[0] == "adduser":          # manage the users of --client-auth-file
         from dvara_lib.security.userfile import adduser_main
         return adduser_main(argv[1:])
     settings = parse_args(argv)

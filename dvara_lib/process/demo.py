@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -32,11 +33,9 @@ def _command(port: int, data_dir: str) -> list[str]:
 
 
 def _accepts(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
         return True
-    except OSError:
-        return False
+    return False
 
 
 class DemoBackend:

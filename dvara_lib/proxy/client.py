@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import itertools
 import logging
@@ -314,10 +315,8 @@ class ClientConn:
             self.closed = True
             self.buf = bytearray()
             self.settle()
-            try:
+            with contextlib.suppress(OSError):
                 self.sock.close()
-            except OSError:
-                pass
 
     def __repr__(self) -> str:
         return f"<client #{self.id} {self.peer_ip}:{self.peer[1]} on {self.member.proxy}>"

@@ -135,21 +135,27 @@ def read(client: "ClientConn", limit: int) -> Fill:
     """Read what a TLS client sent (non-blocking), draining OpenSSL's decrypted bytes."""
     sock = client.sock
     sock.settimeout(0.0)
-    got = 0
     try:
+        got = 0
         while True:
-            try:
-                data = sock.recv(_READ_CHUNK)
-            except _WAITING:
-                return Fill.DRAINED
-            except (ssl.SSLError, OSError) as exc:
-                log.debug("client %s: TLS read failed: %s", client.peer, exc)
-                return Fill.CLOSED
-            if not data:
-                return Fill.CLOSED
+            data = _recv_tls(client)
+            if isinstance(data, Fill):
+                return data
             client.took(data)
             got += len(data)
             if got >= limit and not sock.pending():
                 return Fill.MORE      # the rest is in the kernel: read it later
     finally:
         sock.settimeout(None)
+
+
+def _recv_tls(client: "ClientConn") -> "bytes | Fill":
+    """What OpenSSL has decrypted for client now, or DRAINED (nothing yet) or CLOSED."""
+    try:
+        data = client.sock.recv(_READ_CHUNK)
+    except _WAITING:
+        return Fill.DRAINED
+    except (ssl.SSLError, OSError) as exc:
+        log.debug("client %s: TLS read failed: %s", client.peer, exc)
+        return Fill.CLOSED
+    return data or Fill.CLOSED
