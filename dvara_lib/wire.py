@@ -43,7 +43,9 @@ MIN_MESSAGE_SIZE = 16
 MAX_MESSAGE_SIZE = 48_000_000
 
 HEADER = struct.Struct("<iiii")
-_INT32 = struct.Struct("<i")
+INT32 = struct.Struct("<i")
+#: How much one recv asks for (larger buffers cost an mmap/munmap per recv).
+READ_CHUNK = 64 * 1024
 _UINT32 = struct.Struct("<I")
 _REPLY_PREFIX = struct.Struct("<iqii")  # responseFlags, cursorID, startingFrom, numberReturned
 _COMPRESSED_PREFIX = struct.Struct("<iiB")  # originalOpcode, uncompressedSize, compressorId
@@ -79,15 +81,15 @@ def check_length(length: int) -> None:
 
 
 def opcode(frame: bytes) -> int:
-    return _INT32.unpack_from(frame, 12)[0]
+    return INT32.unpack_from(frame, 12)[0]
 
 
 def request_id(frame: bytes) -> int:
-    return _INT32.unpack_from(frame, 4)[0]
+    return INT32.unpack_from(frame, 4)[0]
 
 
 def response_to(frame: bytes) -> int:
-    return _INT32.unpack_from(frame, 8)[0]
+    return INT32.unpack_from(frame, 8)[0]
 
 
 def msg_flags(frame: bytes) -> int:
@@ -178,7 +180,7 @@ def read_frame(sock: socket.socket) -> bytes:
     Can raise ConnectionFailure, ServerTimeout or ProtocolError.
     """
     header = recv_exact(sock, 16)
-    length = _INT32.unpack_from(header, 0)[0]
+    length = INT32.unpack_from(header, 0)[0]
     check_length(length)
     frame = bytearray(length)
     frame[:16] = header
@@ -282,7 +284,7 @@ def msg_body_offset(frame: bytes) -> int:
             raise ProtocolError(f"unknown OP_MSG section kind {kind}")
         if pos + 5 > len(frame):
             raise ProtocolError("truncated OP_MSG section")
-        size = _INT32.unpack_from(frame, pos + 1)[0]
+        size = INT32.unpack_from(frame, pos + 1)[0]
         if size < 5:
             raise ProtocolError("bad OP_MSG section size")
         pos += 1 + size
@@ -341,7 +343,7 @@ def decode_msg_body(frame: bytes) -> dict[str, Any]:
     """The kind-0 body of an OP_MSG as a dict. Can raise ProtocolError."""
     offset = msg_body_offset(frame)
     try:
-        size = _INT32.unpack_from(frame, offset)[0]
+        size = INT32.unpack_from(frame, offset)[0]
         return bson.decode(frame[offset:offset + size])
     except Exception as exc:
         raise ProtocolError(f"bad OP_MSG body: {exc}") from exc
@@ -355,10 +357,10 @@ def decode_query(frame: bytes) -> tuple[int, str, int, int, dict[str, Any]]:
     ns, offset = query_doc_offset(frame)
     if offset + 5 > len(frame):
         raise ProtocolError("truncated OP_QUERY")
-    flags = _INT32.unpack_from(frame, 16)[0]
+    flags = INT32.unpack_from(frame, 16)[0]
     skip, nret = struct.unpack_from("<ii", frame, offset - 8)
     try:
-        size = _INT32.unpack_from(frame, offset)[0]
+        size = INT32.unpack_from(frame, offset)[0]
         doc = bson.decode(frame[offset:offset + size])
     except Exception as exc:
         raise ProtocolError(f"bad OP_QUERY document: {exc}") from exc
@@ -419,7 +421,7 @@ def op_reply(docs: list[dict[str, Any]], resp_to: int, flags: int = 0,
 def op_query(ns: str, doc: dict[str, Any], number_to_return: int = -1, flags: int = 0,
              req_id: Optional[int] = None) -> bytes:
     """An OP_QUERY (legacy command when ns is ``db.$cmd``)."""
-    body = (_INT32.pack(flags) + ns.encode() + b"\x00"
+    body = (INT32.pack(flags) + ns.encode() + b"\x00"
             + struct.pack("<ii", 0, number_to_return) + bson.encode(doc))
     return _frame(OP_QUERY, body, next_request_id() if req_id is None else req_id, 0)
 
@@ -434,7 +436,7 @@ def reply_like(request: bytes, doc: dict[str, Any], flags: int = 0) -> bytes:
 def with_request_id(frame: bytes, req_id: int) -> bytes:
     """A copy of frame carrying another requestID."""
     out = bytearray(frame)
-    _INT32.pack_into(out, 4, req_id)
+    INT32.pack_into(out, 4, req_id)
     return bytes(out)
 
 
@@ -500,7 +502,7 @@ def iter_frames(data: bytes) -> Iterator[bytes]:
     """Split a buffer holding whole frames back to back (for tests and captures)."""
     pos = 0
     while pos + 4 <= len(data):
-        length = _INT32.unpack_from(data, pos)[0]
+        length = INT32.unpack_from(data, pos)[0]
         check_length(length)
         yield data[pos:pos + length]
         pos += length

@@ -28,7 +28,6 @@ import contextlib
 import itertools
 import logging
 import socket
-import struct
 import threading
 import time
 from typing import Any, Callable, Optional
@@ -41,8 +40,6 @@ log = logging.getLogger("dvara.pool")
 #: Opens a socket to a member and runs the proxy's own handshake on it.
 Connector = Callable[[], socket.socket]
 
-_INT32 = struct.Struct("<i")
-_READ_CHUNK = 64 * 1024
 
 
 class ServerConnection:
@@ -85,8 +82,8 @@ class ServerConnection:
         """
         data, self.rest = self.rest, b""
         while len(data) < 16:
-            data += wire.recv_some(self.sock, _READ_CHUNK)
-        length = _INT32.unpack_from(data, 0)[0]
+            data += wire.recv_some(self.sock, wire.READ_CHUNK)
+        length = wire.INT32.unpack_from(data, 0)[0]
         wire.check_length(length)
         if len(data) < length:
             return data + wire.recv_exact(self.sock, length - len(data))

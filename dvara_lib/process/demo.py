@@ -17,7 +17,7 @@ from dvara_lib.errors import DiscoveryError
 
 log = logging.getLogger("dvara.demo")
 
-_START_TIMEOUT = 60.0
+_BACKEND_START_TIMEOUT = 60.0
 
 
 def _command(port: int, data_dir: str) -> list[str]:
@@ -55,14 +55,14 @@ class DemoBackend:
                  self.port, self.data_dir)
         self.proc = subprocess.Popen(_command(self.port, self.data_dir),
                                      stdin=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.monotonic() + _START_TIMEOUT
+        deadline = time.monotonic() + _BACKEND_START_TIMEOUT
         while not _accepts(self.port):
             if self.proc.poll() is not None:
                 raise DiscoveryError(f"the demo backend exited with status {self.proc.returncode}")
             if time.monotonic() > deadline:
                 self.stop()
                 raise DiscoveryError("the demo backend did not start within "
-                                     f"{_START_TIMEOUT:.0f}s")
+                                     f"{_BACKEND_START_TIMEOUT:.0f}s")
             time.sleep(0.1)
 
     def stop(self) -> None:

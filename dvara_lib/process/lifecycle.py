@@ -31,7 +31,7 @@ LIVE_SETTINGS = frozenset({
     "server_idle_timeout", "pool_wait_timeout", "get_last_error_timeout", "graceful_timeout",
     "discovery_interval", "log_level", "ganglia", "metrics_interval", "admin_addr",
     "max_buffered_bytes", "worker_linger"})
-_START_TIMEOUT = 60.0
+_NEW_PROCESS_START_TIMEOUT = 60.0
 
 
 class Server(Protocol):
@@ -77,7 +77,7 @@ def replace_process(server: Server) -> bool:
         log.error("could not start a new dvara (%s); still serving", exc)
         sender.close()
         return False
-    if not sender.wait_ready(_START_TIMEOUT, alive=lambda: proc.poll() is None):
+    if not sender.wait_ready(_NEW_PROCESS_START_TIMEOUT, alive=lambda: proc.poll() is None):
         _abandon(proc)
         sender.close()
         return False

@@ -40,7 +40,7 @@ log = logging.getLogger("dvara.workers")
 
 #: The environment variable that tells a child it is worker "index/count/fd".
 WORKER_ENV = "DVARA_WORKER"
-_START_TIMEOUT = 60.0
+_WORKER_START_TIMEOUT = 60.0
 _REQUEST_TIMEOUT = 5.0
 _RESTART_DELAY = 1.0
 _POLL = 0.5
@@ -87,11 +87,11 @@ class WorkerSet:
         for index in range(self.count):
             self._launch(index)
         self._thread.start()
-        deadline = time.monotonic() + _START_TIMEOUT
+        deadline = time.monotonic() + _WORKER_START_TIMEOUT
         for worker in list(self._workers.values()):
             if not worker.ready.wait(max(0.0, deadline - time.monotonic())):
                 raise OSError(f"worker {worker.index} did not start within "
-                              f"{_START_TIMEOUT:.0f}s")
+                              f"{_WORKER_START_TIMEOUT:.0f}s")
 
     def add_member(self, real: str, proxy: str, port: int, listeners: list[socket.socket],
                    max_wire_version: int = 0) -> Member:

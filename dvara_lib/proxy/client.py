@@ -27,7 +27,6 @@ import logging
 import select
 import socket
 import ssl
-import struct
 import threading
 import time
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Optional
@@ -41,8 +40,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dvara.client")
 
-_INT32 = struct.Struct("<i")
-_READ_CHUNK = 64 * 1024          # larger buffers cost an mmap/munmap per recv
 
 
 class Verdict(enum.Enum):
@@ -168,7 +165,7 @@ class ClientConn:
             wire.set_recv_timeout(sock, io.linger)
 
     # -- reading (by the owner) ---------------------------------------------------------
-    def fill(self, limit: int = 4 * _READ_CHUNK, to_the_end: bool = True) -> Fill:
+    def fill(self, limit: int = 4 * wire.READ_CHUNK, to_the_end: bool = True) -> Fill:
         """Read what the socket has without blocking, up to about limit bytes.
 
         to_the_end: read until the socket says it has nothing more (an end of stream
@@ -180,7 +177,7 @@ class ClientConn:
             return self.reader(self, limit)
         got = 0
         while got < limit:
-            want = min(_READ_CHUNK, limit - got)
+            want = min(wire.READ_CHUNK, limit - got)
             try:
                 data = self.sock.recv(want, socket.MSG_DONTWAIT)
             except (BlockingIOError, InterruptedError):
@@ -202,13 +199,13 @@ class ClientConn:
         None if none came in time (or the client closed: the acceptor sees that).
         """
         try:
-            data = self.sock.recv(_READ_CHUNK)
+            data = self.sock.recv(wire.READ_CHUNK)
         except (BlockingIOError, InterruptedError, socket.timeout, OSError):
             return None
         if not data:
             self.closing = True
             return None
-        if not self.buf and len(data) >= 16 and _INT32.unpack_from(data, 0)[0] == len(data):
+        if not self.buf and len(data) >= 16 and wire.INT32.unpack_from(data, 0)[0] == len(data):
             self.last_active = time.monotonic()     # the usual case: one whole message
             return data
         self.took(data)
@@ -226,7 +223,7 @@ class ClientConn:
         if len(buf) < 4:
             self.settle()
             return None
-        length = _INT32.unpack_from(buf, 0)[0]
+        length = wire.INT32.unpack_from(buf, 0)[0]
         wire.check_length(length)
         if len(buf) < length:
             self.settle()
@@ -245,7 +242,7 @@ class ClientConn:
     def has_frame(self) -> bool:
         """A whole message (or a header next_frame will refuse) is buffered."""
         buf = self.buf
-        return len(buf) >= 4 and _INT32.unpack_from(buf, 0)[0] <= len(buf)
+        return len(buf) >= 4 and wire.INT32.unpack_from(buf, 0)[0] <= len(buf)
 
     def mid_message(self) -> bool:
         """Part of a message is buffered (and not a whole one)."""

@@ -32,7 +32,7 @@ log = logging.getLogger("dvara.tls")
 
 #: The first byte of a TLS record carrying a handshake (a ClientHello).
 TLS_HANDSHAKE_BYTE = 0x16
-_READ_CHUNK = 256 * 1024
+_TLS_READ_CHUNK = 256 * 1024
 _WAITING = (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError, InterruptedError)
 
 
@@ -152,7 +152,7 @@ def read(client: "ClientConn", limit: int) -> Fill:
 def _recv_tls(client: "ClientConn") -> "bytes | Fill":
     """What OpenSSL has decrypted for client now, or DRAINED (nothing yet) or CLOSED."""
     try:
-        data = client.sock.recv(_READ_CHUNK)
+        data = client.sock.recv(_TLS_READ_CHUNK)
     except _WAITING:
         return Fill.DRAINED
     except (ssl.SSLError, OSError) as exc:

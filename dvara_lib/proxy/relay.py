@@ -46,7 +46,6 @@ REWRITTEN_REPLIES = frozenset({"replSetGetStatus", "replSetGetConfig", "serverSt
                                "isdbgrid"})
 #: Commands counted as mutations (with the legacy write opcodes).
 MUTATIONS = frozenset({"insert", "update", "delete", "findAndModify", "findandmodify"})
-_LEGACY_WRITES = frozenset({wire.OP_INSERT, wire.OP_UPDATE, wire.OP_DELETE})
 
 #: Byte strings that only a "not primary" / "node is recovering" / shutdown error reply
 #: holds; small replies holding an error field ("errmsg", or the legacy "err"/"$err")
@@ -246,7 +245,7 @@ class Relay:
         stats.incr("requests")
         stats.incr("bytes.in", len(frame))
         msg = Message.read(frame)
-        if msg.op in _LEGACY_WRITES or msg.name in MUTATIONS:
+        if msg.op in legacy.LEGACY_WRITES or msg.name in MUTATIONS:
             stats.incr("requests.mutations")
         for step in self._steps:
             outcome = step(client, msg)
