@@ -1,10 +1,12 @@
 """Relaying client messages through pooled server connections (runs in the workers).
 
 # design:
-# ``Relay.serve(client, frame)`` runs in a ThreadPoolExecutor thread that owns the
-# client. For each message it answers hello itself, or checks a server connection out
-# of the member's pool, sends the frame as bytes and reads the whole reply, then checks
-# the connection back in before writing the reply to the client: a client that reads
+# ``Relay.serve(client, frame)`` runs in a worker thread that owns the client. The usual
+# message takes the fast path, undecoded; any other goes down the steps of
+# dvara_lib.proxy.message (login gate, legacy, hello), any of which may answer it. What
+# is left is relayed: a server connection is checked out of the member's pool, the
+# frame is sent as bytes and the whole reply read, and the connection is checked back
+# in before the reply is written to the client: a client that reads
 # slowly costs a worker (for at most --message-timeout) but never a server connection.
 # Only an exhaust stream keeps its connection while its replies are written, as the
 # server sends them on that connection alone. A request that expects no reply pins its
