@@ -35,7 +35,10 @@ StatusFn = Callable[[], dict]
 #        "state": "PRIMARY",             # PRIMARY / SECONDARY / ARBITER / DOWN / ...
 #        "up": true,
 #        "pool": {"open": 5, "in_use": 2, "waiting": 0, "max": 100},
-#        "clients": 12},                  # client connections on this proxy
+#        "clients": 12,                   # client connections on this proxy
+#        "counters": {"requests": 1234,   # every counter of MEASURES: its running
+#                     "bytes.in": 56789,  # total since start for this member
+#                     ...}},              # ({} before the member has any)
 #       ...
 #     ],
 #     "set_name": "rs0",                  # optional

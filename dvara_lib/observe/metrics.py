@@ -333,7 +333,7 @@ class Metrics:
     """All members' measures for one process.
 
     Methods for callers: member(addr) -> MemberMetrics (created once, cached),
-    forget(addr), members(), snapshot(reset_interval) -> list[Sample].
+    forget(addr), members(), snapshot(reset_interval) -> list[Sample], counter_totals().
     """
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
@@ -373,6 +373,15 @@ class Metrics:
         with self._lock:
             members = sorted(self._members.items())
         return [(addr, mm._take(reset_interval)) for addr, mm in members]
+
+    def counter_totals(self) -> dict[str, dict[str, Number]]:
+        """Every counter's running total per member ({member: {name: total}}), summed over
+        processes; the interval is not reset."""
+        totals: dict[str, dict[str, Number]] = {}
+        for s in self.snapshot(reset_interval=False):
+            if s.member is not None and s.name in _COUNTER_INDEX:
+                totals.setdefault(s.member, {})[s.name] = s.total or 0
+        return totals
 
     def snapshot(self, reset_interval: bool) -> list[Sample]:
         """Return every measure, per member and summed over members.

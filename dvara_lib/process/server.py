@@ -294,7 +294,8 @@ class Server:
     def status(self) -> dict[str, Any]:
         """The /status document (see dvara_lib.observe.admin)."""
         plane = self.plane.status() if self.plane is not None else {}
-        return status_document(self.settings, self.started, self.topology, plane)
+        return status_document(self.settings, self.started, self.topology, plane,
+                               self.metrics.counter_totals())
 
 
 def _listen(host: str, port: int, inherited: list[int], count: int) -> list[socket.socket]:

@@ -50,9 +50,12 @@ def start_services(settings: "Settings", metrics: Metrics,
 
 
 def status_document(settings: "Settings", started: float, topology: Optional["Topology"],
-                    plane: dict[str, Any]) -> dict[str, Any]:
+                    plane: dict[str, Any],
+                    counters: Optional[dict[str, dict[str, Any]]] = None) -> dict[str, Any]:
     """Members, pools, clients, uptime, version and config (secrets hidden); plane is
-    what the data plane says of its members, clients and workers."""
+    what the data plane says of its members, clients and workers; counters the running
+    totals per member (Metrics.counter_totals())."""
+    totals = counters or {}
     counts = plane.get("clients", {"clients": 0, "busy": 0})
     served = plane.get("members", {})
     members = []
@@ -62,6 +65,7 @@ def status_document(settings: "Settings", started: float, topology: Optional["To
             "member": m.real, "proxy": m.proxy, "state": m.state, "up": m.up,
             "pool": {key: mine.get(key, 0) for key in ("open", "in_use", "waiting", "max")},
             "clients": mine.get("clients", 0),
+            "counters": totals.get(m.real, {}),
         })
     return {
         "version": __version__,

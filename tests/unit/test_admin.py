@@ -208,3 +208,201 @@ def test_render_status_tolerates_a_sparse_document():
     text = status_cli.render_status({"members": [{"member": "db:27017"}]})
     assert "dvara ?  up ?  clients -/-  members 1" in text
     assert "db:27017" in text
+
+
+# -- dvara status --watch -------------------------------------------------------------------
+def counted(requests_a: int, requests_b: int) -> dict:
+    """STATUS with counter totals: per request, 100 bytes in; A 3000 bytes out, B 100."""
+    def counters(requests: int, out_per: int, timeouts: int) -> dict:
+        return {"requests": requests, "bytes.in": requests * 100,
+                "bytes.out": requests * out_per, "errors.proxy": 0,
+                "errors.timeout": timeouts, "errors.bad_frame": 0}
+
+    a, b = (dict(m) for m in STATUS["members"])
+    a["counters"] = counters(requests_a, 3000, requests_a // 100)
+    b["counters"] = counters(requests_b, 100, 0)
+    return {**STATUS, "set_name": "rs0", "members": [a, b],
+            "clients": {"connected": 15, "busy": 4, "max": 1000}}
+
+
+BEFORE, AFTER = counted(1000, 10), counted(3500, 30)
+
+SECOND_FRAME = """\
+dvara 0.1.0  set rs0  up 01:02:05  clients 15/1000 (busy 4)  members 2
+12:00:02  every 2s  rates per second over 2.0s
+
+MEMBER           STATE      UP   CLIENTS  OPEN  IN_USE  WAITING  MAX  REQ/S   IN_B/S  OUT_B/S  ERR/S
+---------------  ---------  ---  -------  ----  ------  -------  ---  ------  ------  -------  -----
+127.0.0.1:27017  PRIMARY    yes  12       5     2       1        100  1250.0  122.1K  3.6M     12.5
+127.0.0.1:27018  SECONDARY  no   3        0     0       0        100  10.0    1000    1000     0.0
+TOTAL                            15       5     2       1        200  1260.0  123.0K  3.6M     12.5
+"""
+
+
+def test_member_rates_are_differences_over_elapsed_time():
+    rates = status_cli.member_rates(BEFORE, AFTER, 2.0)
+    assert rates == {A: [1250.0, 125000.0, 3750000.0, 12.5], B: [10.0, 1000.0, 1000.0, 0.0]}
+    assert status_cli.member_rates(None, AFTER, 0.0) == {A: [None] * 4, B: [None] * 4}
+
+
+def test_member_rates_are_unknown_after_a_restart_for_a_new_member_or_without_counters():
+    restarted = counted(5, 30)                          # A's totals went down: a new dvara
+    assert status_cli.member_rates(AFTER, restarted, 1.0)[A] == [None] * 4
+    assert status_cli.member_rates(AFTER, restarted, 1.0)[B] == [0.0] * 4
+    only_a = {**BEFORE, "members": BEFORE["members"][:1]}
+    assert status_cli.member_rates(only_a, AFTER, 1.0)[B] == [None] * 4
+    assert status_cli.member_rates(STATUS, STATUS, 1.0) == {A: [None] * 4, B: [None] * 4}
+
+
+def test_render_frame_exact_text():
+    first = status_cli.render_frame(BEFORE, status_cli.member_rates(None, BEFORE, 0.0),
+                                    "12:00:00", 2, None).splitlines()
+    assert first[1] == "12:00:00  every 2s  rates from the next frame"
+    assert first[6].split() == [B, "SECONDARY", "no", "3", "0", "0", "0", "100",
+                                "-", "-", "-", "-"]
+    text = status_cli.render_frame(AFTER, status_cli.member_rates(BEFORE, AFTER, 2.0),
+                                   "12:00:02", 2, 2.0)
+    assert text == SECOND_FRAME
+
+
+class FakeWatch:
+    """Scripted /status answers (an exception is raised), a clock that sleep() moves."""
+
+    def __init__(self, answers: list) -> None:
+        self.answers, self.now, self.slept = list(answers), 100.0, []
+
+    def fetch(self, addr: str, timeout: float) -> dict:
+        answer = self.answers.pop(0)
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+    def run(self, argv: list[str], out: io.StringIO, err: io.StringIO) -> None:
+        args = status_cli._parse_args(["--admin-addr", "127.0.0.1:1", *argv])
+        watcher = status_cli.Watcher(args, out, err, self.fetch, lambda: self.now, self.sleep,
+                                     lambda: "12:00:%02d" % (self.now - 100))
+        watcher.run(self.fetch("", 0))
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_watch_on_a_terminal_clears_and_redraws_each_frame():
+    out, fake = Terminal(), FakeWatch([BEFORE, AFTER])
+    fake.run(["--watch", "2", "--count", "2"], out, io.StringIO())
+    frames = out.getvalue().split(status_cli.CLEAR)
+    assert frames[0] == "" and len(frames) == 3 and fake.slept == [2.0]
+    assert frames[2] == SECOND_FRAME
+
+
+def test_watch_to_a_file_writes_blocks_separated_by_a_blank_line():
+    out, fake = io.StringIO(), FakeWatch([BEFORE, AFTER, AFTER])
+    fake.run(["--watch", "2", "--count", "3"], out, io.StringIO())
+    text = out.getvalue()
+    assert "\x1b" not in text and fake.slept == [2.0, 2.0]
+    blocks = text.split("\n\ndvara ")
+    assert len(blocks) == 3 and "dvara " + blocks[1] + "\n" == SECOND_FRAME
+    assert blocks[2].splitlines()[5].split()[-4:] == ["0.0", "0", "0", "0.0"]
+
+
+def test_watch_shows_a_failed_fetch_and_carries_on():
+    out, err, fake = io.StringIO(), io.StringIO(), FakeWatch([BEFORE, OSError("refused"), AFTER])
+    fake.run(["--watch", "1", "--count", "3"], out, err)
+    blocks = out.getvalue().split("\n\n")
+    assert blocks[2] == ("12:00:01  every 1s\ndvara status: cannot read "
+                         "http://127.0.0.1:1/status: refused (trying again in 1s)")
+    third = blocks[3] + "\n\n" + blocks[4]
+    assert "rates per second over 2.0s" in third        # since the last good fetch
+    assert third.splitlines()[-3].split()[-4:] == ["1250.0", "122.1K", "3.6M", "12.5"]
+    assert err.getvalue() == ""
+
+
+def test_watch_json_prints_one_document_per_line():
+    out, err, fake = io.StringIO(), io.StringIO(), FakeWatch([BEFORE, ValueError("no"), AFTER])
+    fake.run(["--watch", "1", "--count", "3", "--json"], out, err)
+    assert [json.loads(line) for line in out.getvalue().splitlines()] == [BEFORE, AFTER]
+    assert err.getvalue().startswith("dvara status: cannot read") and "no" in err.getvalue()
+
+
+def test_watch_does_not_catch_up_after_a_slow_frame():
+    out, fake = io.StringIO(), FakeWatch([BEFORE, AFTER, AFTER])
+    slow = fake.fetch
+
+    def fetch(addr: str, timeout: float) -> dict:
+        fake.now += 5.0                                 # each fetch takes 5 s
+        return slow(addr, timeout)
+
+    argv = ["--admin-addr", "127.0.0.1:1", "--watch", "1", "--count", "3"]
+    watcher = status_cli.Watcher(status_cli._parse_args(argv), out, io.StringIO(), fetch,
+                                 lambda: fake.now, fake.sleep)
+    watcher.run(BEFORE)
+    assert fake.slept == [1.0, 0.0]             # the second fetch ended 4 s late
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "abc", "nan", "inf", ""])
+def test_watch_rejects_seconds_that_are_not_positive(value, capsys):
+    with pytest.raises(SystemExit) as exc:
+        status_cli.main(["status", "--admin-addr", "127.0.0.1:1", "--watch", value])
+    assert exc.value.code == 2
+    assert "--watch: must be a number of seconds > 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--count", "3"], "--count needs --watch"),
+    (["--watch", "1", "--count", "0"], "--count: must be a whole number >= 1"),
+])
+def test_count_needs_watch_and_a_positive_number(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        status_cli.main(["--admin-addr", "127.0.0.1:1", *argv])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_watch_against_the_admin_server_shows_rates():
+    answers = iter([counted(1000, 10), counted(1100, 10), counted(1300, 10)])
+    server = AdminServer("127.0.0.1:0", Metrics(), lambda: next(answers))
+    server.open()
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        code = status_cli.main(["status", "--admin-addr", "%s:%d" % server.address,
+                                "--watch", "0.05", "--count", "3"], out=out, err=err)
+    finally:
+        server.close()
+    assert (code, err.getvalue()) == (0, "")
+    frames = out.getvalue().split("\n\ndvara ")
+    assert len(frames) == 3
+    rows = [next(line for line in f.splitlines() if line.startswith(A)) for f in frames]
+    assert rows[0].split()[-4:] == ["-"] * 4
+    assert all(float(row.split()[-4]) > 0 for row in rows[1:])
+
+
+def test_watch_unreachable_at_start_is_one_line_and_status_1():
+    out, err = io.StringIO(), io.StringIO()
+    argv = ["--admin-addr", f"127.0.0.1:{free_port()}", "--watch", "1", "--count", "2"]
+    assert status_cli.main(argv, out=out, err=err) == 1
+    assert out.getvalue() == "" and len(err.getvalue().splitlines()) == 1
+    assert err.getvalue().startswith("dvara status: cannot read http://127.0.0.1:")
+
+
+def test_watch_ends_cleanly_on_ctrl_c(admin, monkeypatch):
+    def interrupted(self, first: dict) -> None:
+        self.out.write("a frame")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(status_cli.Watcher, "run", interrupted)
+    out, err = io.StringIO(), io.StringIO()
+    argv = ["--admin-addr", "%s:%d" % admin.address, "--watch", "1"]
+    assert status_cli.main(argv, out=out, err=err) == 0
+    assert out.getvalue() == "a frame\n" and err.getvalue() == ""
+
+
+def test_counter_totals_per_member(metrics):
+    totals = metrics.counter_totals()
+    assert set(totals) == {A, B}
+    assert totals[B]["requests"] == 20 and totals[A]["bytes.in"] == 1000
+    assert set(totals[A]) == {m.name for m in MEASURES if m.kind == COUNTER}
