@@ -34,6 +34,8 @@ setup(
             "hypothesis>=6",
             "trustme>=1.0",
             *COMPRESSION,
+            # pymongo's own zstd (the tests' clients): the backport of 3.14's compression.zstd
+            "backports.zstd>=1.0; python_version < '3.14'",
         ],
         "demo": ["SecantusDB>=0.7.0b3", *COMPRESSION],
         "compression": COMPRESSION,
