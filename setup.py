@@ -7,6 +7,9 @@ from setuptools import find_packages, setup
 
 VERSION = re.search(r'__version__ = "([^"]+)"', Path("dvara_lib/__init__.py").read_text()).group(1)
 
+#: The compressors pymongo speaks besides zlib, with the libraries pymongo itself uses.
+COMPRESSION = ["python-snappy>=0.6", "zstandard>=0.18"]
+
 setup(
     name="dvara",
     version=VERSION,
@@ -30,8 +33,12 @@ setup(
             "SecantusDB>=0.7.0b3",
             "hypothesis>=6",
             "trustme>=1.0",
+            *COMPRESSION,
+            # pymongo's own zstd (the tests' clients): the backport of 3.14's compression.zstd
+            "backports.zstd>=1.0; python_version < '3.14'",
         ],
-        "demo": ["SecantusDB>=0.7.0b3"],
+        "demo": ["SecantusDB>=0.7.0b3", *COMPRESSION],
+        "compression": COMPRESSION,
     },
     entry_points={"console_scripts": ["dvara = dvara_lib.process.app:main"]},
 )

@@ -17,6 +17,7 @@ import configargparse
 
 from dvara_lib.address import (MONGODB_PORT, Address, format_address, parse_address, parse_host,
                                parse_port)
+from dvara_lib import wire
 from dvara_lib.errors import ConfigError
 
 __all__ = [
@@ -95,6 +96,8 @@ class Settings:
     backend_tls_ca_file: str | None
     backend_tls_cert_file: str | None
     backend_tls_key_file: str | None
+    # compression between the proxy and the servers (dvara_lib.backend.connect)
+    backend_compressors: tuple[str, ...] = ()
 
 
 # ---------------------------------------------------------------- value parsers
@@ -301,6 +304,22 @@ def _choice(*choices: str) -> Callable[[str], str]:
     return convert
 
 
+def _compressors(text: str) -> tuple[str, ...]:
+    """A comma list of snappy, zstd, zlib (or none), each installed here."""
+    names = [n.lower() for n in _split_list(text)]
+    if names in (["none"], []):
+        return ()
+    for name in names:
+        if name not in ("snappy", "zstd", "zlib"):
+            raise argparse.ArgumentTypeError(
+                f"expected a comma list of snappy, zstd, zlib (or none), got {text!r}")
+        if name not in wire.SUPPORTED_COMPRESSORS:
+            raise argparse.ArgumentTypeError(
+                f"{name} needs the {wire.COMPRESSOR_PACKAGES[name]} package: "
+                "pip install 'dvara[compression]'")
+    return tuple(dict.fromkeys(names))
+
+
 def _optional_text(text: str) -> str | None:
     return text.strip() or None
 
@@ -352,6 +371,10 @@ _OPTIONS: tuple[_Option, ...] = (
             "pin members to proxy ports: real-host:port=proxy-port", default_text="empty"),
     _Option("discovery-interval", _duration, "5s", "backend", "DURATION",
             "how often the replica set is re-discovered"),
+    _Option("backend-compressors", _compressors, "", "backend", "NAME[,...]",
+            "compress what the proxy and the servers send each other on pooled "
+            "connections (snappy, zstd, zlib, in order of preference; the server picks; "
+            "restart to change)", default_text="none"),
     # listeners
     _Option("listen-host", _host, "127.0.0.1", "listen", "HOST",
             "interface the per-member proxy listeners bind to"),

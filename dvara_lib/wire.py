@@ -20,6 +20,17 @@ import bson
 
 from dvara_lib.errors import ConnectionFailure, ProtocolError, ServerTimeout
 
+# The optional compression libraries pymongo uses (extra "compression"); without one,
+# its compressor is not offered.
+try:
+    import snappy as SNAPPY
+except ImportError:  # pragma: no cover - depends on the installation
+    SNAPPY = None
+try:
+    import zstandard as ZSTD
+except ImportError:  # pragma: no cover - depends on the installation
+    ZSTD = None
+
 OP_REPLY = 1
 OP_UPDATE = 2001
 OP_INSERT = 2002
@@ -63,8 +74,17 @@ REPLY_QUERY_FAILURE = 1 << 1
 
 # OP_COMPRESSED compressor ids (OP_COMPRESSED spec).
 COMPRESSOR_IDS = {"noop": 0, "snappy": 1, "zlib": 2, "zstd": 3}
+#: The library each compressor needs (zlib is in the standard library).
+COMPRESSOR_PACKAGES = {"snappy": "python-snappy", "zstd": "zstandard"}
 #: What this proxy can decode, in its order of preference.
-SUPPORTED_COMPRESSORS = ("zlib",)
+SUPPORTED_COMPRESSORS = tuple(name for name, lib in (("snappy", SNAPPY), ("zstd", ZSTD),
+                                                     ("zlib", zlib)) if lib is not None)
+#: Commands never sent compressed (OP_COMPRESSED spec).
+UNCOMPRESSED_COMMANDS = frozenset((
+    "hello", "isMaster", "ismaster", "saslStart", "saslContinue", "getnonce", "authenticate",
+    "createUser", "updateUser", "copydbSaslStart", "copydbgetnonce", "copydb"))
+#: zlib's level (fast; the same as before snappy and zstd came).
+_ZLIB_LEVEL = 1
 
 def next_request_id() -> int:
     """A request id for a message the proxy builds itself: random, as pymongo's are (a
@@ -441,6 +461,8 @@ def with_request_id(frame: bytes, req_id: int) -> bytes:
 
 
 # --- OP_COMPRESSED ---------------------------------------------------------------------
+# Every decompressor knows the size the header claims (already bounded by the largest
+# message) and never makes more than that: a decompression bomb fails before it grows.
 
 def decompress(frame: bytes) -> tuple[bytes, int]:
     """(original frame, compressor id) of an OP_COMPRESSED frame. Can raise ProtocolError."""
@@ -448,28 +470,79 @@ def decompress(frame: bytes) -> tuple[bytes, int]:
         raise ProtocolError("truncated OP_COMPRESSED")
     original_op, size, compressor = _COMPRESSED_PREFIX.unpack_from(frame, 16)
     check_length(size + 16)
-    if compressor == COMPRESSOR_IDS["noop"]:
-        data = frame[25:]
-    elif compressor == COMPRESSOR_IDS["zlib"]:
-        try:
-            dec = zlib.decompressobj()
-            data = dec.decompress(frame[25:], size + 1)
-        except zlib.error as exc:
-            raise ProtocolError(f"bad zlib data: {exc}") from exc
-    else:
-        raise ProtocolError(f"unsupported compressor id {compressor}")
-    if len(data) != size:
-        raise ProtocolError(f"OP_COMPRESSED says {size} bytes, holds {len(data)}")
     if original_op == OP_COMPRESSED:
         raise ProtocolError("nested OP_COMPRESSED")
+    decoder = _DECOMPRESSORS.get(compressor)
+    if decoder is None:
+        raise ProtocolError(f"unsupported compressor id {compressor}")
+    data = decoder(memoryview(frame)[25:], size)
+    if len(data) != size:
+        raise ProtocolError(f"OP_COMPRESSED says {size} bytes, holds {len(data)}")
     return HEADER.pack(16 + size, request_id(frame), response_to(frame), original_op) + data, compressor
 
 
+def _noop_decompress(data: memoryview, size: int) -> bytes:
+    return bytes(data)
+
+
+def _zlib_decompress(data: memoryview, size: int) -> bytes:
+    try:
+        return zlib.decompressobj().decompress(data, size + 1)
+    except zlib.error as exc:
+        raise ProtocolError(f"bad zlib data: {exc}") from exc
+
+
+def snappy_length(data: memoryview) -> int:
+    """The uncompressed length a raw snappy block starts with (a little-endian base-128
+    varint of at most 32 bits). Can raise ProtocolError."""
+    length = 0
+    for i in range(min(len(data), 5)):
+        length |= (data[i] & 0x7F) << (7 * i)
+        if not data[i] & 0x80:
+            return length
+    raise ProtocolError("bad snappy data: no length header")
+
+
+def _snappy_decompress(data: memoryview, size: int) -> bytes:
+    claimed = snappy_length(data)
+    if claimed != size:
+        raise ProtocolError(f"OP_COMPRESSED says {size} bytes, its snappy data {claimed}")
+    try:
+        return SNAPPY.uncompress(data)
+    except Exception as exc:    # the library's own errors (UncompressError, cramjam's)
+        raise ProtocolError(f"bad snappy data: {exc}") from exc
+
+
+def _zstd_decompress(data: memoryview, size: int) -> bytes:
+    try:
+        claimed = ZSTD.frame_content_size(data)
+        if claimed not in (-1, size):       # -1: the frame does not say
+            raise ProtocolError(f"OP_COMPRESSED says {size} bytes, its zstd frame {claimed}")
+        return ZSTD.ZstdDecompressor().decompress(data, max_output_size=size,
+                                                  allow_extra_data=False)
+    except ZSTD.ZstdError as exc:
+        raise ProtocolError(f"bad zstd data: {exc}") from exc
+
+
+#: compressor id -> its decoder, for noop and the compressors whose library is here.
+_DECOMPRESSORS = {COMPRESSOR_IDS[name]: decoder for name, decoder in (
+    ("noop", _noop_decompress), ("zlib", _zlib_decompress),
+    ("snappy", _snappy_decompress), ("zstd", _zstd_decompress))
+    if name == "noop" or name in SUPPORTED_COMPRESSORS}
+
+
 def compress(frame: bytes, compressor: int) -> bytes:
-    """frame wrapped in OP_COMPRESSED with the given compressor id (zlib or noop)."""
+    """frame wrapped in OP_COMPRESSED with the given compressor id (one of
+    SUPPORTED_COMPRESSORS, or noop)."""
     payload = frame[16:]
     if compressor == COMPRESSOR_IDS["zlib"]:
-        payload = zlib.compress(payload, 1)
+        payload = zlib.compress(payload, _ZLIB_LEVEL)
+    elif compressor == COMPRESSOR_IDS["snappy"]:
+        payload = SNAPPY.compress(payload)
+    elif compressor == COMPRESSOR_IDS["zstd"]:
+        payload = ZSTD.ZstdCompressor().compress(payload)
+    elif compressor != COMPRESSOR_IDS["noop"]:
+        raise ValueError(f"unknown compressor id {compressor}")
     prefix = _COMPRESSED_PREFIX.pack(opcode(frame), len(frame) - 16, compressor)
     return _frame(OP_COMPRESSED, prefix + payload, request_id(frame), response_to(frame))
 

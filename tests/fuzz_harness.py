@@ -124,6 +124,8 @@ def seed_frames(process_id: bson.ObjectId, counter: int) -> list[bytes]:
         wire.compress(ping, wire.COMPRESSOR_IDS["zlib"]),
         wire.compress(wire.op_msg({"hello": 1, "$db": "admin"}), wire.COMPRESSOR_IDS["noop"]),
         wire.compress(hello_legacy, wire.COMPRESSOR_IDS["zlib"]),
+        wire.compress(ping, wire.COMPRESSOR_IDS["snappy"]),
+        wire.compress(ping, wire.COMPRESSOR_IDS["zstd"]),
         _legacy(wire.OP_INSERT, b"\x00\x00\x00\x00" + ns + bson.encode({"_id": 6})),
         _legacy(wire.OP_UPDATE, b"\x00" * 4 + ns + b"\x00" * 4 + bson.encode({"_id": 6})
                 + bson.encode({"$set": {"a": 1}})),
@@ -188,7 +190,7 @@ class Mutator:
         except (OverflowError, bson.errors.InvalidDocument, ValueError):
             return seed
         if rng.random() < 0.15:
-            out = wire.compress(out, rng.choice((0, 2)))
+            out = wire.compress(out, rng.choice((0, 1, 2, 3)))
         return out
 
     # -- byte-level ----------------------------------------------------------------------

@@ -11,12 +11,14 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import ssl
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 from dvara_lib import wire
 from dvara_lib.address import format_address
+from dvara_lib.backend.pool import Compressed
 from dvara_lib.errors import ConnectionFailure, ProtocolError
 from dvara_lib.security.login import BackendLogin
 from dvara_lib.security.tls import backend_context_or_none
@@ -25,21 +27,38 @@ if TYPE_CHECKING:
     from dvara_lib.backend.topology import Member
     from dvara_lib.config import Settings
 
+log = logging.getLogger("dvara.backend")
+
 _CONNECT_TIMEOUT = 10.0
 CLIENT_METADATA = {"driver": {"name": "dvara", "version": ""}, "os": {"type": "Linux"}}
 
 
-def handshake_doc(app_version: str) -> dict[str, Any]:
+def handshake_doc(app_version: str, compressors: tuple[str, ...] = ()) -> dict[str, Any]:
     meta = {**CLIENT_METADATA, "driver": {"name": "dvara", "version": app_version}}
-    return {"isMaster": 1, "helloOk": True, "client": meta}
+    doc: dict[str, Any] = {"isMaster": 1, "helloOk": True, "client": meta}
+    if compressors:
+        doc["compression"] = list(compressors)
+    return doc
 
 
-def hello_request(max_wire_version: int, first: bool, app_version: str = "") -> bytes:
-    """The proxy's own hello: OP_MSG for 3.6+, legacy OP_QUERY isMaster otherwise."""
+def hello_request(max_wire_version: int, first: bool, app_version: str = "",
+                  compressors: tuple[str, ...] = ()) -> bytes:
+    """The proxy's own hello: OP_MSG for 3.6+, legacy OP_QUERY isMaster otherwise; the
+    first one of a connection offers compressors."""
     if first or max_wire_version < wire.OP_MSG_WIRE_VERSION:
-        doc = handshake_doc(app_version) if first else {"isMaster": 1}
+        doc = handshake_doc(app_version, compressors) if first else {"isMaster": 1}
         return wire.op_query("admin.$cmd", doc)
     return wire.op_msg({"hello": 1, "$db": "admin"})
+
+
+def agreed_compressor(hello: dict[str, Any], offered: tuple[str, ...]) -> Optional[int]:
+    """The id of the compressor a server's handshake reply chose: the first one it lists
+    that was offered; None if it lists none."""
+    listed = hello.get("compression")
+    if not offered or not isinstance(listed, list):
+        return None
+    name = next((c for c in listed if c in offered), None)
+    return None if name is None else wire.COMPRESSOR_IDS[name]
 
 
 def run_hello(sock: socket.socket, request: bytes) -> dict[str, Any]:
@@ -54,16 +73,18 @@ class Backend:
     """Opens server connections. Thread-safe (the login is; the rest is read-only)."""
 
     def __init__(self, tls: Optional[ssl.SSLContext] = None,
-                 login: Optional[BackendLogin] = None, app_version: str = "") -> None:
+                 login: Optional[BackendLogin] = None, app_version: str = "",
+                 compressors: tuple[str, ...] = ()) -> None:
         self.tls = tls
         self.login = login
         self.app_version = app_version
+        self.compressors = compressors     # offered on pooled connections
 
     @classmethod
     def from_settings(cls, settings: "Settings", app_version: str = "") -> "Backend":
         """Can raise ConfigError (unreadable certificate, key or password file)."""
         return cls(backend_context_or_none(settings), BackendLogin.from_settings(settings),
-                   app_version)
+                   app_version, settings.backend_compressors)
 
     def connect(self, address: tuple[str, int], timeout: float) -> socket.socket:
         """A TCP connection to a server, in TLS with --backend-tls (the certificate must
@@ -92,16 +113,18 @@ class Backend:
         finally:
             sock.close()
 
-    def open_pooled(self, member: "Member", timeout: float) -> socket.socket:
+    def open_pooled(self, member: "Member", timeout: float
+                    ) -> Union[socket.socket, Compressed]:
         """A connection for member's pool: handshake and login done, every read and
-        write then bounded by timeout. Can raise ConnectionFailure (AuthenticationFailure
-        when the login is refused or backed off)."""
+        write then bounded by timeout; Compressed when the handshake agreed on one of
+        --backend-compressors. Can raise ConnectionFailure (AuthenticationFailure when
+        the login is refused or backed off)."""
         if self.login is not None:
             self.login.check_backoff(member.real)   # no new connection while logins fail
         sock = self.connect(member.address, min(timeout, _CONNECT_TIMEOUT))
         try:
             hello = run_hello(sock, hello_request(member.max_wire_version, True,
-                                                  self.app_version))
+                                                  self.app_version, self.compressors))
             if self.login is not None:
                 self.login.login(sock, hello, member.real)
             wire.set_io_timeout(sock, timeout)
@@ -110,7 +133,13 @@ class Backend:
             if isinstance(exc, ConnectionFailure):
                 raise
             raise ConnectionFailure(f"handshake with {member.real} failed: {exc}") from exc
-        return sock
+        compressor = agreed_compressor(hello, self.compressors)
+        if compressor is None:
+            if self.compressors:
+                log.debug("%s agreed to none of %s; this connection is plain", member.real,
+                          ",".join(self.compressors))
+            return sock
+        return Compressed(sock, compressor)
 
     def open_monitor(self, member: "Member", timeout: float
                      ) -> tuple[socket.socket, dict[str, Any]]:

@@ -30,16 +30,24 @@ import logging
 import socket
 import threading
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 from dvara_lib import wire
-from dvara_lib.errors import ConnectionFailure, PoolTimeout
+from dvara_lib.errors import ConnectionFailure, PoolTimeout, ProtocolError
 
 log = logging.getLogger("dvara.pool")
 
-#: Opens a socket to a member and runs the proxy's own handshake on it.
-Connector = Callable[[], socket.socket]
 
+class Compressed(NamedTuple):
+    """A socket whose handshake agreed on a compressor (--backend-compressors)."""
+
+    sock: socket.socket
+    compressor: int
+
+
+#: Opens a socket to a member and runs the proxy's own handshake on it.
+Connector = Callable[[], Union[socket.socket, Compressed]]
+_OP_COMPRESSED_BYTES = wire.INT32.pack(wire.OP_COMPRESSED)
 
 
 class ServerConnection:
@@ -99,6 +107,45 @@ class ServerConnection:
 
     def __repr__(self) -> str:
         return f"<ServerConnection #{self.id} gen {self.generation}>"
+
+
+class CompressedConnection(ServerConnection):
+    """A server connection that compresses what it sends with the compressor its
+    handshake agreed on, and decompresses what it reads, so that its users see plain
+    frames only. (A connection without compression is a plain ServerConnection: the
+    usual case pays nothing for this.)"""
+
+    __slots__ = ("compressor",)
+
+    def __init__(self, sock: socket.socket, generation: int, compressor: int,
+                 pool: Optional["Pool"] = None, conn_id: int = 0) -> None:
+        super().__init__(sock, generation, pool, conn_id)
+        self.compressor = compressor
+
+    def send(self, data: bytes) -> None:
+        """Write one (plain) message compressed, unless the OP_COMPRESSED spec says that
+        command must travel plain. Can raise ConnectionFailure or ServerTimeout."""
+        try:
+            plain = wire.command_name(data) in wire.UNCOMPRESSED_COMMANDS
+        except ProtocolError:
+            plain = False
+        wire.send_all(self.sock, data if plain else wire.compress(data, self.compressor))
+
+    def read_frame(self) -> bytes:
+        """Read one message, decompressed. Can raise ConnectionFailure, ServerTimeout or
+        ProtocolError."""
+        frame = super().read_frame()
+        if frame[12:16] == _OP_COMPRESSED_BYTES:
+            frame = wire.decompress(frame)[0]
+        return frame
+
+
+def new_connection(opened: Union[socket.socket, Compressed], generation: int,
+                   pool: Optional["Pool"] = None, conn_id: int = 0) -> ServerConnection:
+    """The connection for what a Connector opened: compressed if its handshake said so."""
+    if isinstance(opened, Compressed):
+        return CompressedConnection(opened.sock, generation, opened.compressor, pool, conn_id)
+    return ServerConnection(opened, generation, pool, conn_id)
 
 
 class PoolStats:
@@ -218,13 +265,13 @@ class Pool:
     def _open_reserved(self) -> ServerConnection:
         generation = self.generation
         try:
-            sock = self._connector()
+            opened = self._connector()
         except BaseException:
             with self._lock:
                 self._total -= 1
                 self._notify()
             raise
-        conn = ServerConnection(sock, generation, self, next(self._ids))
+        conn = new_connection(opened, generation, self, next(self._ids))
         with self._lock:
             self._lent.add(conn)
         self.stats.created()

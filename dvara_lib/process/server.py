@@ -24,7 +24,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Optional
 
-from dvara_lib import __version__
+from dvara_lib import __version__, wire
 from dvara_lib.address import format_address
 from dvara_lib.backend.connect import Backend
 from dvara_lib.backend.discovery import DiscoveryThread, discover
@@ -108,6 +108,7 @@ class Server:
         log.info("dvara %s serving replica set %s: %s", __version__,
                  found.set_name or "(standalone)",
                  ", ".join(f"{m.real} as {m.proxy}" for m in self.topology.members()))
+        _log_compressors()
         print(f"dvara is ready; connect with: {self.connection_string()}", flush=True)
 
     def _make_plane(self) -> Any:
@@ -339,3 +340,12 @@ def _check_timeout(interval: float) -> float:
     """How long one member check may take: long enough for a busy server, short enough
     to notice a hung one within a few intervals (checks run in parallel)."""
     return min(max(2 * interval, 2.0), 10.0)
+
+
+def _log_compressors() -> None:
+    """Say once which compressors clients are offered, and which library each missing one
+    needs."""
+    missing = [f"{name} (needs {package})" for name, package in wire.COMPRESSOR_PACKAGES.items()
+               if name not in wire.SUPPORTED_COMPRESSORS]
+    log.info("compressors offered to clients: %s%s", ", ".join(wire.SUPPORTED_COMPRESSORS),
+             "; not offered: " + ", ".join(missing) if missing else "")

@@ -106,6 +106,37 @@ def test_wire_decoders_raise_only_protocol_error(op, body):
     check_decoders(struct.pack("<iiii", 16 + len(body), 1, 2, op) + body)
 
 
+@FUZZ
+@given(st.sampled_from(sorted(wire.COMPRESSOR_IDS.values())), st.integers(-20, 400),
+       st.binary(max_size=200))
+def test_decompress_of_every_compressor_raises_only_protocol_error(compressor, size, payload):
+    """Random payloads and claimed sizes reach each decompressor (snappy, zlib, zstd)."""
+    frame = struct.pack("<iiiiiiB", 25 + len(payload), 1, 2, wire.OP_COMPRESSED, wire.OP_MSG,
+                        size, compressor) + payload
+    check_decoders(frame)
+
+
+@FUZZ
+@given(st.sampled_from(("snappy", "zlib", "zstd")), st.binary(max_size=300),
+       st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=4),
+       st.integers(-2, 2))
+def test_decompress_of_damaged_real_payloads_raises_only_protocol_error(name, body, damage,
+                                                                         size_delta):
+    """Valid compressed frames of each compressor with bytes changed and the claimed size
+    moved: a result of the claimed size, or ProtocolError."""
+    frame = bytearray(wire.compress(wire.HEADER.pack(16 + len(body), 1, 2, wire.OP_MSG) + body,
+                                    wire.COMPRESSOR_IDS[name]))
+    for index, value in damage:
+        frame[25 + index % max(1, len(frame) - 25)] = value
+    struct.pack_into("<i", frame, 20, len(body) + size_delta)
+    check_decoders(bytes(frame))
+    try:
+        inner, _ = wire.decompress(bytes(frame))
+    except ProtocolError:
+        return
+    assert len(inner) == 16 + len(body) + size_delta
+
+
 _MUTATOR = Mutator(bson.ObjectId(), 1)
 
 

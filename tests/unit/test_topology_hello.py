@@ -326,9 +326,10 @@ def test_build_answer_echoes_hello_ok_only_when_asked(topology, m1):
 
 
 @pytest.mark.parametrize("offered, agreed", [
-    (["snappy", "zlib", "zstd"], ["zlib"]),
+    (["snappy", "zlib", "zstd"], ["snappy", "zlib", "zstd"]),
     (["zlib"], ["zlib"]),
-    (["snappy", "zstd"], []),
+    (["zstd", "snappy"], ["zstd", "snappy"]),
+    (["lz4", "zstd", "noop"], ["zstd"]),
     ([], []),
     ("zlib", []),
 ])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 import zlib
@@ -11,9 +13,12 @@ from typing import Iterator
 
 import bson
 import pytest
+import snappy
+import zstandard
 
 from dvara_lib import wire
 from dvara_lib.errors import ConnectionFailure, ProtocolError, ServerTimeout
+from tests.helpers import ROOT
 
 _I32 = struct.Struct("<i")
 _U32 = struct.Struct("<I")
@@ -219,15 +224,46 @@ def test_check_msg_flags_recomputes_the_checksum_of_a_changed_message():
 
 # --- OP_COMPRESSED -------------------------------------------------------------------------
 
-def test_zlib_round_trip_keeps_header_ids():
+COMPRESSORS = ("zlib", "snappy", "zstd")
+_PING_BODY = b"\x00\x00\x00\x00\x00" + bson.encode({"ping": 1})
+
+
+def raw_compress(name: str, data: bytes) -> bytes:
+    """data compressed as OP_COMPRESSED carries it, by the libraries themselves."""
+    if name == "zlib":
+        return zlib.compress(data)
+    if name == "snappy":
+        return snappy.compress(data)
+    return zstandard.ZstdCompressor().compress(data)
+
+
+def test_every_compressor_is_supported_here():
+    assert wire.SUPPORTED_COMPRESSORS == ("snappy", "zstd", "zlib")
+
+
+@pytest.mark.parametrize("name", COMPRESSORS)
+def test_round_trip_keeps_header_ids(name):
     frame = wire.op_msg({"insert": "c", "documents": [{"x": "y" * 500}], "$db": "d"},
                         resp_to=55, req_id=77)
-    out = wire.compress(frame, wire.COMPRESSOR_IDS["zlib"])
+    cid = wire.COMPRESSOR_IDS[name]
+    out = wire.compress(frame, cid)
     assert wire.opcode(out) == wire.OP_COMPRESSED
     assert (wire.request_id(out), wire.response_to(out)) == (77, 55)
     assert _I32.unpack_from(out, 0)[0] == len(out) < len(frame)
-    assert struct.unpack_from("<iiB", out, 16) == (wire.OP_MSG, len(frame) - 16, 2)
-    assert wire.decompress(out) == (frame, 2)
+    assert struct.unpack_from("<iiB", out, 16) == (wire.OP_MSG, len(frame) - 16, cid)
+    assert wire.decompress(out) == (frame, cid)
+
+
+def test_the_payloads_are_what_the_spec_says():
+    """snappy: a raw block (no stream framing); zstd: one zstd frame; zlib: a zlib stream."""
+    frame = wire.op_msg({"ping": 1, "pad": "z" * 1000, "$db": "admin"})
+    body = frame[16:]
+    payload = {name: wire.compress(frame, wire.COMPRESSOR_IDS[name])[25:] for name in COMPRESSORS}
+    assert snappy.uncompress(payload["snappy"]) == body
+    assert wire.snappy_length(memoryview(payload["snappy"])) == len(body)
+    assert zstandard.frame_content_size(payload["zstd"]) == len(body)
+    assert zstandard.ZstdDecompressor().decompress(payload["zstd"]) == body
+    assert zlib.decompress(payload["zlib"]) == body
 
 
 def test_noop_compressor_round_trip():
@@ -238,19 +274,63 @@ def test_noop_compressor_round_trip():
     assert wire.decompress(out) == (frame, 0)
 
 
-@pytest.mark.parametrize("compressor", [1, 3, 4, 255])
-def test_decompress_rejects_unsupported_compressors(compressor):
+@pytest.mark.parametrize("compressor", [4, 255])
+def test_decompress_rejects_unknown_compressors(compressor):
     with pytest.raises(ProtocolError, match=f"compressor id {compressor}"):
         wire.decompress(compressed(wire.OP_MSG, 5, compressor, b"\x00" * 5))
 
 
-@pytest.mark.parametrize("compressor", [0, 2])
+def test_without_the_libraries_only_zlib_is_offered_and_the_others_are_refused():
+    """A real interpreter where snappy and zstandard cannot be imported."""
+    code = ("import sys; sys.modules['snappy'] = None; sys.modules['zstandard'] = None\n"
+            "from dvara_lib import wire\n"
+            "print(wire.SUPPORTED_COMPRESSORS)\n"
+            "for cid in (1, 3):\n"
+            "    try: wire.decompress(wire.compress(wire.op_msg({'ping': 1}), 0)[:24]"
+            " + bytes([cid]) + b'x' * 20)\n"
+            "    except wire.ProtocolError as exc: print(exc)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, timeout=30, check=True).stdout.splitlines()
+    assert out == ["('zlib',)", "unsupported compressor id 1", "unsupported compressor id 3"]
+
+
+@pytest.mark.parametrize("name", ("noop", *COMPRESSORS))
 @pytest.mark.parametrize("delta", [-1, 1, 100])
-def test_decompress_rejects_a_wrong_uncompressed_size(compressor, delta):
-    payload = b"\x00\x00\x00\x00\x00" + bson.encode({"ping": 1})
-    data = zlib.compress(payload) if compressor == 2 else payload
+def test_decompress_rejects_a_wrong_uncompressed_size(name, delta):
+    data = _PING_BODY if name == "noop" else raw_compress(name, _PING_BODY)
     with pytest.raises(ProtocolError, match="says"):
-        wire.decompress(compressed(wire.OP_MSG, len(payload) + delta, compressor, data))
+        wire.decompress(compressed(wire.OP_MSG, len(_PING_BODY) + delta,
+                                   wire.COMPRESSOR_IDS[name], data))
+
+
+@pytest.mark.parametrize("name", COMPRESSORS)
+def test_a_decompression_bomb_is_refused_without_inflating_it(name):
+    """20 MB of zeros, compressed to a few kB, claimed as 100 bytes."""
+    bomb = raw_compress(name, bytes(20_000_000))
+    assert len(bomb) < 1_000_000
+    with pytest.raises(ProtocolError, match="says|zstd"):
+        wire.decompress(compressed(wire.OP_MSG, 100, wire.COMPRESSOR_IDS[name], bomb))
+
+
+def test_a_zstd_frame_without_its_size_is_bounded_by_the_claimed_size():
+    body = bytes(50_000)
+    data = zstandard.ZstdCompressor(write_content_size=False).compress(body)
+    assert zstandard.frame_content_size(data) == -1
+    ok = compressed(wire.OP_MSG, len(body), 3, data)
+    assert wire.decompress(ok)[0][16:] == body
+    with pytest.raises(ProtocolError, match="zstd"):
+        wire.decompress(compressed(wire.OP_MSG, 1000, 3, data))
+
+
+@pytest.mark.parametrize("name, data", [
+    ("snappy", b""), ("snappy", b"\xff\xff\xff\xff\xff\xff"), ("snappy", b"\x0a garbage!"),
+    ("zstd", b""), ("zstd", b"not a zstd frame"),
+    ("zstd", zstandard.ZstdCompressor().compress(b"x" * 10)[:-3]),
+    ("zstd", zstandard.ZstdCompressor().compress(b"x" * 10) + b"extra"),
+    ("zlib", b"not zlib at all")])
+def test_decompress_rejects_bad_data(name, data):
+    with pytest.raises(ProtocolError, match=f"{name}|says"):
+        wire.decompress(compressed(wire.OP_MSG, 10, wire.COMPRESSOR_IDS[name], data))
 
 
 @pytest.mark.parametrize("size", [-17, wire.MAX_MESSAGE_SIZE])
@@ -259,9 +339,7 @@ def test_decompress_rejects_sizes_out_of_bounds(size):
         wire.decompress(compressed(wire.OP_MSG, size, 0, b"\x00" * 5))
 
 
-def test_decompress_rejects_bad_zlib_data_truncation_and_nesting():
-    with pytest.raises(ProtocolError, match="zlib"):
-        wire.decompress(compressed(wire.OP_MSG, 10, 2, b"not zlib at all"))
+def test_decompress_rejects_truncation_and_nesting():
     with pytest.raises(ProtocolError, match="truncated"):
         wire.decompress(compressed(wire.OP_MSG, 10, 0, b"")[:24])
     with pytest.raises(ProtocolError, match="nested"):
