@@ -20,6 +20,7 @@ setup(
         "pymongo>=4.6",
         "configargparse>=1.7",
         "prometheus-client>=0.17",
+        "crc32c>=2.3",
     ],
     extras_require={
         "test": [
