@@ -21,6 +21,7 @@ setup(
         "configargparse>=1.7",
         "prometheus-client>=0.17",
         "crc32c>=2.3",
+        "scramp>=1.5,<2",
     ],
     extras_require={
         "test": [
