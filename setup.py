@@ -23,6 +23,8 @@ setup(
         "pymongo>=4.6",
         "configargparse>=1.7",
         "prometheus-client>=0.17",
+        "crc32c>=2.3",
+        "scramp>=1.5,<2",
     ],
     extras_require={
         "test": [

@@ -22,7 +22,8 @@ from tests.helpers import ROOT, RawClient, Secantus, free_port
 
 
 def secured_secantus(tmp: Path, users: dict[str, str], *extra: str) -> Secantus:
-    """A SecantusDB that requires logins (--auth), with users {name: password} (role root).
+    """A SecantusDB that requires logins (--auth), with users {name: password} (role root)
+    who can log in with SCRAM-SHA-256 and SCRAM-SHA-1 (SecantusDB's default is SHA-256 only).
 
     As test-backends.md says: users are made without --auth on a data folder, then the
     server is restarted with --auth on the same folder.
@@ -33,7 +34,8 @@ def secured_secantus(tmp: Path, users: dict[str, str], *extra: str) -> Secantus:
     try:
         with MongoClient(f"mongodb://127.0.0.1:{port}/?directConnection=true") as direct:
             for name, password in users.items():
-                direct.admin.command("createUser", name, pwd=password, roles=["root"])
+                direct.admin.command("createUser", name, pwd=password, roles=["root"],
+                                     mechanisms=list(scram.MECHANISMS))
     finally:
         first.stop()
     return Secantus(tmp, port, "--storage-path", str(data), "--auth", *extra)

@@ -41,7 +41,6 @@ class BackendLogin:
         self._password = password
         self.source = source
         self.mechanism = scram.check_mechanism(mechanism)
-        self._keys: dict = {}                  # (mechanism, salt, iterations) -> keys
         self._lock = threading.Lock()
         self._failures: dict[str, tuple[int, float, str]] = {}  # member -> n, retry at, why
 
@@ -96,7 +95,7 @@ class BackendLogin:
         self._succeeded(member)
 
     def _converse(self, sock: socket.socket, max_wire: int) -> None:
-        client = scram.ScramClient(self.mechanism, self.username, self._password, self._keys)
+        client = scram.ScramClient(self.mechanism, self.username, self._password)
         reply = self._command(sock, max_wire, {
             "saslStart": 1, "mechanism": self.mechanism, "payload": Binary(client.first()),
             "autoAuthorize": 1, "options": {"skipEmptyExchange": True}})

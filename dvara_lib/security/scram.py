@@ -1,8 +1,29 @@
 """SCRAM-SHA-1 and SCRAM-SHA-256 (RFC 5802, RFC 7677) as MongoDB uses them: both ends.
 
-MongoDB's variants: user names are never SASLprepped; SCRAM-SHA-1 derives its keys from
-``HEX(MD5(user + ":mongo:" + password))``; SCRAM-SHA-256 from the SASLprepped password;
-no channel binding (the client's GS2 header is ``n,,``); at least 4096 iterations.
+The protocol is ``scramp``'s (the SCRAM library pg8000 uses): message building and
+parsing, the GS2 header check, nonces, iteration-count and salt checks, proofs, server
+signatures and stored-key derivation. What stays here is what MongoDB does differently:
+
+- SCRAM-SHA-1 derives its keys from ``HEX(MD5(user + ":mongo:" + password))``, not from
+  the password (``prepared_password``). scramp SASLpreps every password; the hex digest is
+  ASCII letters and digits, which SASLprep leaves as they are, so it goes in unchanged.
+  SCRAM-SHA-256 hands the plain password to scramp, which SASLpreps it as MongoDB does.
+- User names are never SASLprepped (drivers and mongod send and look up the name as
+  given; scramp would NFKC-normalise it, so that "\\u2168" became "IX"). The client
+  sends the name through ``_MongoName``; the server looks the user up by the raw name
+  (``user_of``/``decode_name``). scramp's server still parses the name and refuses one
+  SASLprep prohibits (unassigned in Unicode 3.2, such as emoji, or control characters):
+  ``dvara adduser`` therefore refuses to create such users (``check_user_name``).
+- No channel binding: the client's GS2 header is ``n,,`` (scramp's default without a
+  binding); the server takes ``n,,`` and ``y,,``.
+- An unknown user gets a decoy credential (a made-up salt, random keys) so that the
+  conversation fails at the proof, like a wrong password.
+- Error texts are dvara's (``ScramError``): clients only ever see "Authentication failed."
+
+Left out on purpose: the former per-salt cache of ClientKey/ServerKey in the client.
+scramp derives the keys inside ``get_client_final`` with no hook to reuse them, so each
+server connection the proxy logs in costs one PBKDF2 (about 8 ms of CPU at 15000
+iterations of SHA-256, outside the GIL) instead of one per process and salt.
 ``ScramClient`` is the proxy logging in to a server; ``ScramServer`` is the proxy checking
 a client against stored keys (it never sees or keeps a password).
 """
@@ -11,10 +32,13 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import hmac
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
+
+import scramp
+from scramp.core import Username
+from scramp.utils import ServerError, saslprep
 
 from dvara_lib.errors import DvaraError
 
@@ -22,10 +46,13 @@ SHA1, SHA256 = "SCRAM-SHA-1", "SCRAM-SHA-256"
 MECHANISMS = (SHA256, SHA1)
 MIN_ITERATIONS = 4096
 DEFAULT_ITERATIONS = {SHA256: 15000, SHA1: 10000}
-_SALT_SIZE = {SHA256: 28, SHA1: 16}
-_DIGEST: dict[str, Callable[..., "hashlib._Hash"]] = {SHA256: hashlib.sha256, SHA1: hashlib.sha1}
-_NAME = {SHA256: "sha256", SHA1: "sha1"}
-_GS2_HEADER = b"n,,"
+_SALT_SIZE = {SHA256: 28, SHA1: 16}          # what mongod uses
+_DIGEST_SIZE = {SHA256: 32, SHA1: 20}
+_GS2_HEADERS = ("n,,", "y,,")
+_FAILED = "authentication failed"
+_MISMATCH = "client-final does not match this conversation"
+_SERVER_ERRORS = {ServerError.INVALID_PROOF: _FAILED,
+                  ServerError.CHANNEL_BINDINGS_DONT_MATCH: _MISMATCH}
 
 
 class ScramError(DvaraError):
@@ -42,37 +69,36 @@ class Credential:
     stored_key: bytes = field(repr=False)
     server_key: bytes = field(repr=False)
 
+    def auth_info(self) -> tuple[bytes, bytes, bytes, int]:
+        """The tuple a scramp server's auth_fn returns."""
+        return self.salt, self.stored_key, self.server_key, self.iterations
 
-# -- key derivation -------------------------------------------------------------------
+
+# -- what MongoDB does differently ------------------------------------------------------
 
 def check_mechanism(mechanism: str) -> str:
     """mechanism if it is SCRAM-SHA-1 or SCRAM-SHA-256. Can raise ScramError."""
-    if mechanism not in _DIGEST:
+    if mechanism not in MECHANISMS:
         raise ScramError(f"unsupported mechanism {mechanism!r} (use {' or '.join(MECHANISMS)})")
     return mechanism
 
 
-def prepared_password(mechanism: str, username: str, password: str) -> bytes:
-    """The password as the mechanism feeds it to Hi(): MD5 digest (SHA-1) or SASLprep (SHA-256)."""
+def prepared_password(mechanism: str, username: str, password: str) -> str:
+    """What scramp gets as the password: MongoDB's MD5 digest (SHA-1) or the password."""
     if mechanism == SHA1:
-        digest = hashlib.md5(f"{username}:mongo:{password}".encode("utf-8"))
-        return digest.hexdigest().encode("ascii")
-    from pymongo.saslprep import saslprep
-    return saslprep(password).encode("utf-8")
+        return hashlib.md5(f"{username}:mongo:{password}".encode("utf-8")).hexdigest()
+    return password
 
 
-def salted_password(mechanism: str, prepared: bytes, salt: bytes, iterations: int) -> bytes:
-    """Hi(password, salt, i): PBKDF2-HMAC (the expensive step, done once per salt)."""
-    return hashlib.pbkdf2_hmac(_NAME[mechanism], prepared, salt, iterations)
-
-
-def _hmac(mechanism: str, key: bytes, data: bytes) -> bytes:
-    return hmac.new(key, data, _DIGEST[mechanism]).digest()
-
-
-def client_and_server_keys(mechanism: str, salted: bytes) -> tuple[bytes, bytes]:
-    """(ClientKey, ServerKey) from a salted password."""
-    return _hmac(mechanism, salted, b"Client Key"), _hmac(mechanism, salted, b"Server Key")
+def check_user_name(name: str) -> str:
+    """name if dvara's SCRAM server can take it (see the module docstring). Can raise
+    ScramError."""
+    try:
+        saslprep(name)
+    except scramp.ScramException as exc:
+        raise ScramError(f"user name {name!r} cannot log in by SCRAM here: SASLprep "
+                         f"refuses it ({exc.args[0]})") from exc
+    return name
 
 
 def make_credential(mechanism: str, username: str, password: str,
@@ -83,11 +109,18 @@ def make_credential(mechanism: str, username: str, password: str,
     if iterations < MIN_ITERATIONS:
         raise ScramError(f"iterations must be at least {MIN_ITERATIONS}, got {iterations}")
     salt = salt if salt is not None else os.urandom(_SALT_SIZE[mechanism])
-    salted = salted_password(mechanism, prepared_password(mechanism, username, password),
-                             salt, iterations)
-    client_key, server_key = client_and_server_keys(mechanism, salted)
-    stored_key = _DIGEST[mechanism](client_key).digest()
-    return Credential(mechanism, salt, iterations, stored_key, server_key)
+    try:
+        salt, stored, server, i = scramp.ScramMechanism(mechanism).make_auth_info(
+            prepared_password(mechanism, username, password), iterations, salt)
+    except scramp.ScramException as exc:
+        raise ScramError(f"cannot make a {mechanism} credential: {exc.args[0]}") from exc
+    return Credential(mechanism, salt, i, stored, server)
+
+
+def decoy_credential(mechanism: str, salt: bytes, iterations: int) -> Credential:
+    """A credential no password matches (random keys), for an unknown user."""
+    size = _DIGEST_SIZE[mechanism]
+    return Credential(mechanism, salt, iterations, os.urandom(size), os.urandom(size))
 
 
 # -- message syntax -------------------------------------------------------------------
@@ -104,104 +137,75 @@ def unb64(text: str) -> bytes:
         raise ScramError("bad base64 in a SCRAM message") from exc
 
 
-def encode_name(name: str) -> str:
-    """A user name as a SCRAM saslname ("=" -> "=3D", "," -> "=2C")."""
-    return name.replace("=", "=3D").replace(",", "=2C")
-
-
 def decode_name(saslname: str) -> str:
-    """The user name a saslname stands for. Can raise ScramError."""
+    """The user name a saslname stands for, not SASLprepped. Can raise ScramError."""
     if "=" in saslname.replace("=3D", "").replace("=2C", ""):
         raise ScramError("bad escape in the SCRAM user name")
     return saslname.replace("=2C", ",").replace("=3D", "=")
 
 
-def parse_attributes(message: bytes) -> list[tuple[str, str]]:
-    """SCRAM ``a=value,b=value`` pairs, in order. Can raise ScramError."""
+def _text(message: bytes) -> str:
     try:
-        text = message.decode("utf-8")
+        return message.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ScramError("SCRAM message is not UTF-8") from exc
-    pairs = []
-    for part in text.split(","):
-        if len(part) < 2 or part[1] != "=" or not part[0].isalpha():
-            raise ScramError(f"malformed SCRAM attribute {part[:10]!r}")
-        pairs.append((part[0], part[2:]))
-    return pairs
 
 
-def _expect(pairs: list[tuple[str, str]], index: int, key: str) -> str:
-    if len(pairs) <= index or pairs[index][0] != key:
-        raise ScramError(f"SCRAM message lacks its {key}= attribute")
-    return pairs[index][1]
-
-
-def new_nonce() -> str:
-    return b64(os.urandom(24))
+def _error(exc: scramp.ScramException) -> ScramError:
+    """dvara's error for one of scramp's."""
+    text = _SERVER_ERRORS.get(exc.server_error) or f"bad SCRAM message: {exc.args[0]}"
+    return ScramError(text)
 
 
 # -- the client side (the proxy logging in to a server) ----------------------------------
 
+class _MongoName(Username):
+    """A user name as MongoDB sends it: escaped, never SASLprepped."""
+
+    def __init__(self, name: str) -> None:
+        self.username = name                  # not super().__init__: that SASLpreps
+
+
 class ScramClient:
     """One client conversation: first(), then final(server_first), then verify(server_final).
 
-    key_cache maps (mechanism, salt, iterations) to (ClientKey, ServerKey), so a password
-    is stretched once per salt, not once per connection (auth spec, "Caching credentials").
+    A step that failed ends the conversation (scramp does not go back a step).
     """
 
     def __init__(self, mechanism: str, username: str, password: str,
-                 key_cache: Optional[dict] = None, nonce: Optional[str] = None) -> None:
+                 nonce: Optional[str] = None) -> None:
         self.mechanism = check_mechanism(mechanism)
         self.username = username
-        self._password = password
-        self._cache = key_cache if key_cache is not None else {}
-        self._nonce = nonce or new_nonce()
-        self._first_bare = f"n={encode_name(username)},r={self._nonce}".encode("utf-8")
-        self._server_signature = b""
+        try:
+            self._scram = scramp.ScramClient(
+                [mechanism], "-", prepared_password(mechanism, username, password),
+                c_nonce=nonce)
+        except scramp.ScramException as exc:
+            raise ScramError(f"cannot log in as {username!r}: {exc.args[0]}") from exc
+        self._scram.username = _MongoName(username)
+        self._first = self._scram.get_client_first().encode("utf-8")
 
     def first(self) -> bytes:
-        return _GS2_HEADER + self._first_bare
+        return self._first
 
     def final(self, server_first: bytes) -> bytes:
         """The client-final message (with the proof). Can raise ScramError."""
-        pairs = parse_attributes(server_first)
-        nonce = _expect(pairs, 0, "r")
-        salt = unb64(_expect(pairs, 1, "s"))
         try:
-            iterations = int(_expect(pairs, 2, "i"))
-        except ValueError as exc:
-            raise ScramError("bad SCRAM iteration count") from exc
-        if not nonce.startswith(self._nonce) or len(nonce) == len(self._nonce):
-            raise ScramError("the server's nonce does not extend ours")
-        if iterations < MIN_ITERATIONS:
-            raise ScramError(f"server asks for {iterations} iterations, below {MIN_ITERATIONS}")
-        client_key, server_key = self._keys(salt, iterations)
-        without_proof = f"c={b64(_GS2_HEADER)},r={nonce}".encode("ascii")
-        auth_message = self._first_bare + b"," + server_first + b"," + without_proof
-        stored_key = _DIGEST[self.mechanism](client_key).digest()
-        signature = _hmac(self.mechanism, stored_key, auth_message)
-        proof = bytes(a ^ b for a, b in zip(client_key, signature))
-        self._server_signature = _hmac(self.mechanism, server_key, auth_message)
-        return without_proof + b",p=" + b64(proof).encode("ascii")
+            self._scram.set_server_first(_text(server_first))
+            return self._scram.get_client_final().encode("utf-8")
+        except scramp.ScramException as exc:
+            raise ScramError(f"bad server-first message: {exc.args[0]}") from exc
 
     def verify(self, server_final: bytes) -> None:
         """Check the server proved it knows the password. Can raise ScramError."""
-        pairs = parse_attributes(server_final)
-        if pairs and pairs[0][0] == "e":
-            raise ScramError(f"server refused the login: {pairs[0][1]}")
-        verifier = unb64(_expect(pairs, 0, "v"))
-        if not self._server_signature or not hmac.compare_digest(
-                verifier, self._server_signature):
-            raise ScramError("the server's signature is wrong: it does not know the password")
-
-    def _keys(self, salt: bytes, iterations: int) -> tuple[bytes, bytes]:
-        key = (self.mechanism, salt, iterations)
-        keys = self._cache.get(key)
-        if keys is None:
-            prepared = prepared_password(self.mechanism, self.username, self._password)
-            salted = salted_password(self.mechanism, prepared, salt, iterations)
-            keys = self._cache[key] = client_and_server_keys(self.mechanism, salted)
-        return keys
+        text = _text(server_final)
+        if text.startswith("e="):
+            raise ScramError(f"server refused the login: {text[2:]}")
+        try:
+            self._scram.set_server_final(text)
+        except scramp.ScramException as exc:
+            raise ScramError("the server's signature is wrong: it does not know the "
+                             f"password ({exc.args[0]})") from exc
 
     def __repr__(self) -> str:
         return f"<ScramClient {self.mechanism} {self.username}>"
@@ -213,8 +217,8 @@ class ScramServer:
     """One server conversation: first(client_first) -> server_first; final(client_final).
 
     credential is None for an unknown user: the conversation then goes on with a made-up
-    salt (``decoy``) and fails at the proof, so that a client cannot tell unknown users from
-    wrong passwords.
+    salt (``decoy``) and random keys, and fails at the proof, so that a client cannot tell
+    unknown users from wrong passwords. A failed step ends the conversation.
     """
 
     def __init__(self, mechanism: str, credential: Optional[Credential],
@@ -223,69 +227,50 @@ class ScramServer:
         self.credential = credential
         self._decoy = decoy
         self.username: Optional[str] = None
-        self._auth_prefix = b""
-        self._nonce = ""
-        self._gs2 = b""
+        self._scram: Any = None
         self.done = False
 
     @staticmethod
     def user_of(client_first: bytes) -> str:
-        """The user name a client-first message names. Can raise ScramError."""
-        header, bare = split_client_first(client_first)
-        return decode_name(_expect(parse_attributes(bare), 0, "n"))
+        """The user name a client-first message names (as sent). Can raise ScramError."""
+        text = _text(client_first)
+        if not text.startswith(_GS2_HEADERS):
+            raise ScramError("unsupported GS2 header (no channel binding, no "
+                             "authorization identity)")
+        name = text[3:].split(",", 1)[0]
+        if not name.startswith("n="):
+            raise ScramError("SCRAM client-first lacks its n= attribute")
+        return decode_name(name[2:])
 
     def first(self, client_first: bytes) -> bytes:
         """The server-first message. Can raise ScramError."""
-        self._gs2, bare = split_client_first(client_first)
-        pairs = parse_attributes(bare)
-        self.username = decode_name(_expect(pairs, 0, "n"))
-        client_nonce = _expect(pairs, 1, "r")
-        if len(pairs) > 2:
-            raise ScramError("SCRAM extensions are not supported")
-        if not client_nonce or any(c in client_nonce for c in ", "):
-            raise ScramError("bad client nonce")
-        if self.credential is not None:
-            salt, iterations = self.credential.salt, self.credential.iterations
-        else:
-            salt, iterations = self._decoy(self.username)
-        self._nonce = client_nonce + new_nonce()
-        server_first = f"r={self._nonce},s={b64(salt)},i={iterations}".encode("ascii")
-        self._auth_prefix = bare + b"," + server_first
-        return server_first
+        if self._scram is not None:
+            raise ScramError("SCRAM message out of order")
+        self.username = self.user_of(client_first)
+        credential = self.credential or decoy_credential(self.mechanism,
+                                                         *self._decoy(self.username))
+        self._scram = scramp.ScramMechanism(self.mechanism).make_server(
+            lambda _prepped_name: credential.auth_info())
+        try:
+            self._scram.set_client_first(_text(client_first))
+            return self._scram.get_server_first().encode("utf-8")
+        except scramp.ScramException as exc:
+            self.done = True
+            raise _error(exc) from exc
 
     def final(self, client_final: bytes) -> bytes:
         """The server-final message ("v=..."). Can raise ScramError (wrong password too)."""
-        if not self._auth_prefix or self.done:
+        if self._scram is None or self.done:
             raise ScramError("SCRAM message out of order")
-        head, sep, proof_text = client_final.rpartition(b",p=")
-        pairs = parse_attributes(head) if sep else []
-        if _expect(pairs, 0, "c") != b64(self._gs2) or _expect(pairs, 1, "r") != self._nonce:
-            raise ScramError("client-final does not match this conversation")
-        proof = unb64(proof_text.decode("ascii", "replace"))
-        cred = self.credential
-        if cred is None:
-            raise ScramError("authentication failed")
-        auth_message = self._auth_prefix + b"," + head
-        signature = _hmac(self.mechanism, cred.stored_key, auth_message)
-        if len(proof) != len(signature):
-            raise ScramError("authentication failed")
-        client_key = bytes(a ^ b for a, b in zip(proof, signature))
-        if not hmac.compare_digest(_DIGEST[self.mechanism](client_key).digest(), cred.stored_key):
-            raise ScramError("authentication failed")
         self.done = True
-        return b"v=" + b64(_hmac(self.mechanism, cred.server_key, auth_message)).encode("ascii")
-
-
-def split_client_first(message: bytes) -> tuple[bytes, bytes]:
-    """(GS2 header, client-first-bare). Can raise ScramError.
-
-    Only ``n,,`` and ``y,,`` are accepted: no channel binding, no authorization identity.
-    """
-    if message.startswith((b"n,,", b"y,,")):
-        return message[:3], message[3:]
-    if message.startswith(b"p="):
-        raise ScramError("channel binding is not supported")
-    raise ScramError("unsupported GS2 header (authorization identities are not supported)")
+        try:
+            self._scram.set_client_final(_text(client_final))
+            server_final = self._scram.get_server_final()
+        except scramp.ScramException as exc:
+            raise _error(exc) from exc
+        if self.credential is None:           # cannot happen: the decoy keys are random
+            raise ScramError(_FAILED)
+        return server_final.encode("utf-8")
 
 
 def payload_bytes(payload: Any) -> bytes:

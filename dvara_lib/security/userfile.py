@@ -58,6 +58,7 @@ def make_user(name: str, password: str, db: str = "admin", read_only: bool = Fal
               mechanisms: Sequence[str] = scram.MECHANISMS,
               iterations: Optional[int] = None) -> User:
     """A user with fresh salted keys for each mechanism. Can raise ScramError."""
+    scram.check_user_name(name)
     creds = {m: scram.make_credential(m, name, password, iterations) for m in mechanisms}
     return User(name, db, read_only, creds)
 

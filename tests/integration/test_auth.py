@@ -74,10 +74,12 @@ def client(proxy: Dvara, user: str = "", password: str = "", **options) -> Mongo
 
 # -- the proxy's own login (server side) ----------------------------------------------
 
+@pytest.mark.parametrize("mechanism", scram.MECHANISMS)
 def test_dvara_logs_in_to_a_secured_server_and_serves_pymongo(
-        secured: Secantus, password_file: Path, start_dvara: Callable[..., Dvara]):
+        secured: Secantus, password_file: Path, start_dvara: Callable[..., Dvara],
+        mechanism: str):
     proxy = start_dvara(secured.address, "--username", PROXY_USER,
-                        "--password-file", str(password_file))
+                        "--password-file", str(password_file), "--auth-mechanism", mechanism)
     with client(proxy) as c:
         coll = c.authdb.things
         coll.delete_many({})

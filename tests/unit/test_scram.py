@@ -48,6 +48,8 @@ def test_client_refuses_a_server_that_does_not_know_the_password(mechanism, vect
     client.final(server_first)
     with pytest.raises(scram.ScramError, match="signature"):
         client.verify(b"v=" + scram.b64(b"\0" * 20).encode())
+    client = scram.ScramClient(mechanism, "user", "pencil", nonce=nonce)
+    client.final(server_first)
     with pytest.raises(scram.ScramError, match="refused"):
         client.verify(b"e=invalid-proof")
 
@@ -55,9 +57,10 @@ def test_client_refuses_a_server_that_does_not_know_the_password(mechanism, vect
 def test_client_refuses_few_iterations_and_foreign_nonces():
     client = scram.ScramClient(scram.SHA256, "user", "pencil", nonce="abc")
     with pytest.raises(scram.ScramError, match="4096"):
-        client.final(b"r=abcdef,s=" + scram.b64(b"salt").encode() + b",i=4095")
+        client.final(b"r=abcdef,s=" + scram.b64(b"salt" * 4).encode() + b",i=4095")
+    client = scram.ScramClient(scram.SHA256, "user", "pencil", nonce="abc")
     with pytest.raises(scram.ScramError, match="nonce"):
-        client.final(b"r=xyzdef,s=" + scram.b64(b"salt").encode() + b",i=4096")
+        client.final(b"r=xyzdef,s=" + scram.b64(b"salt" * 4).encode() + b",i=4096")
 
 
 @pytest.mark.parametrize("mechanism", scram.MECHANISMS)
@@ -112,12 +115,17 @@ def test_server_refuses_malformed_or_unsupported_client_first(first):
 
 
 def test_server_refuses_a_replayed_or_tampered_final():
+    """A tampered final fails and ends its conversation; a good one works once."""
     cred = scram.make_credential(scram.SHA256, "u", "pw")
-    server = scram.ScramServer(scram.SHA256, cred, lambda u: (b"", 0))
-    client = scram.ScramClient(scram.SHA256, "u", "pw")
-    final = client.final(server.first(client.first()))
-    with pytest.raises(scram.ScramError, match="does not match"):
-        server.final(final.replace(b"c=biws", b"c=eSws"))
+    for tampered in (True, False):
+        server = scram.ScramServer(scram.SHA256, cred, lambda u: (b"", 0))
+        client = scram.ScramClient(scram.SHA256, "u", "pw")
+        final = client.final(server.first(client.first()))
+        if tampered:
+            with pytest.raises(scram.ScramError, match="does not match"):
+                server.final(final.replace(b"c=biws", b"c=eSws"))
+            with pytest.raises(scram.ScramError, match="out of order"):
+                server.final(final)
     server.final(final)
     with pytest.raises(scram.ScramError, match="out of order"):
         server.final(final)
@@ -178,6 +186,57 @@ def test_user_file_reloads_when_it_changes(tmp_path: Path):
     path.write_text("broken")                     # a bad edit keeps the previous users
     assert users.get("admin", "b") is not None
     assert doc["version"] == 1
+
+
+# A user file entry written by dvara adduser before dvara used scramp (the hand-written
+# SCRAM code; salts fixed): user "legacy", password "Old-pa55\u00e4".
+LEGACY_ENTRY = {
+    "user": "legacy", "db": "admin", "read_only": False,
+    "SCRAM-SHA-256": {"salt": "QUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQQ==", "iterations": 15000,
+                      "storedKey": "GnUA/c8p0wGDMfw9RHylGDDP2MQ+c+S2vU/x/gsGOrk=",
+                      "serverKey": "Dlna7jLpm6VD8BqSu2tCd5Gpd+6GIkZdEh2807bCPjI="},
+    "SCRAM-SHA-1": {"salt": "QkJCQkJCQkJCQkJCQkJCQg==", "iterations": 10000,
+                    "storedKey": "y6XTiGo1eCEqj9s6IzGjqbbuEfU=",
+                    "serverKey": "PkH4DnCL/siJJfH/XGxWCQXudO4="}}
+
+
+def logs_in(mechanism: str, cred: scram.Credential, name: str, password: str) -> bool:
+    """One whole conversation; False when the server refuses the proof."""
+    server = scram.ScramServer(mechanism, cred, lambda u: (b"", 0))
+    client = scram.ScramClient(mechanism, name, password)
+    final = client.final(server.first(client.first()))
+    try:
+        server_final = server.final(final)
+    except scram.ScramError as exc:
+        assert str(exc) == "authentication failed"
+        return False
+    client.verify(server_final)
+    return True
+
+
+@pytest.mark.parametrize("mechanism", scram.MECHANISMS)
+def test_user_files_made_before_scramp_still_log_in(tmp_path: Path, mechanism: str):
+    path = tmp_path / "users.json"
+    path.write_text(json.dumps({"version": 1, "users": [LEGACY_ENTRY]}))
+    cred = userfile.load(str(path))[("admin", "legacy")].credentials[mechanism]
+    salt = scram.unb64(LEGACY_ENTRY[mechanism]["salt"])
+    assert scram.make_credential(mechanism, "legacy", "Old-pa55\u00e4", salt=salt) == cred
+    assert logs_in(mechanism, cred, "legacy", "Old-pa55\u00e4")
+    assert not logs_in(mechanism, cred, "legacy", "Old-pa55a")
+
+
+def test_sha1_passwords_are_not_saslprepped():
+    """MongoDB's SCRAM-SHA-1 hashes the password as typed: "I\u00adX" is not "IX"."""
+    cred = scram.make_credential(scram.SHA1, "u", "I\u00adX")
+    assert logs_in(scram.SHA1, cred, "u", "I\u00adX")
+    assert not logs_in(scram.SHA1, cred, "u", "IX")
+    assert logs_in(scram.SHA256, scram.make_credential(scram.SHA256, "u", "I\u00adX"), "u", "IX")
+
+
+def test_user_names_sasl_prep_refuses_cannot_be_added():
+    with pytest.raises(scram.ScramError, match="SASLprep"):
+        userfile.make_user("smile\U0001F600", "pw")
+    assert userfile.make_user("\u2168", "pw").name == "\u2168"   # kept, not made "IX"
 
 
 # -- the failure limiter ---------------------------------------------------------------

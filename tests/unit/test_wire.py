@@ -12,6 +12,7 @@ import zlib
 from typing import Iterator
 
 import bson
+import crc32c
 import pytest
 import snappy
 import zstandard
@@ -183,6 +184,17 @@ def test_opcode_sets():
 ])
 def test_crc32c_known_values(data, crc):
     assert wire.crc32c(data) == crc
+
+
+# RFC 3720 (iSCSI) B.4 CRC-32C examples, and the check value of the CRC catalogue.
+@pytest.mark.parametrize("data, crc", [
+    (b"123456789", 0xE3069283), (b"\xff" * 32, 0x62A8AB43),
+    (bytes(range(32)), 0x46DD794E), (bytes(range(31, -1, -1)), 0x113FDB5C),
+])
+def test_the_crc32c_package_agrees_with_known_vectors(data, crc):
+    assert crc32c.crc32c(data) == crc
+    assert wire.crc32c(data) == crc
+    assert wire.crc32c(bytearray(data)) == crc
 
 
 @pytest.mark.parametrize("flags", [0, wire.CHECKSUM_PRESENT, wire.MORE_TO_COME,
