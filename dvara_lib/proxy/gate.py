@@ -293,10 +293,10 @@ class Gate:
         return _reply(client, frame, error_doc(AUTHENTICATION_FAILED, "Authentication failed."),
                       compressor)
 
-    def _decoy(self, username: str) -> tuple[bytes, int]:
-        """A stable made-up salt for an unknown user (unknown looks like wrong password)."""
-        salt = hmac.new(self._decoy_key, username.encode("utf-8"), hashlib.sha256).digest()
-        return salt[:28], scram.DEFAULT_ITERATIONS[scram.SHA256]
+    def _decoy(self, username: str) -> bytes:
+        """Stable made-up bytes for an unknown user's salt (unknown looks like a wrong
+        password, and asks again get the same salt)."""
+        return hmac.new(self._decoy_key, username.encode("utf-8"), hashlib.sha256).digest()
 
     @staticmethod
     def _out(state: ClientAuth, data: bytes) -> Any:

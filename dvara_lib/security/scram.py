@@ -117,10 +117,13 @@ def make_credential(mechanism: str, username: str, password: str,
     return Credential(mechanism, salt, i, stored, server)
 
 
-def decoy_credential(mechanism: str, salt: bytes, iterations: int) -> Credential:
-    """A credential no password matches (random keys), for an unknown user."""
+def decoy_credential(mechanism: str, seed: bytes) -> Credential:
+    """A credential no password matches (random keys), for an unknown user: its salt is
+    taken from seed (at least 28 stable bytes per user) and it has the salt size and
+    iteration count a real user of that mechanism has, so that nothing tells them apart."""
     size = _DIGEST_SIZE[mechanism]
-    return Credential(mechanism, salt, iterations, os.urandom(size), os.urandom(size))
+    return Credential(mechanism, seed[:_SALT_SIZE[mechanism]], DEFAULT_ITERATIONS[mechanism],
+                      os.urandom(size), os.urandom(size))
 
 
 # -- message syntax -------------------------------------------------------------------
@@ -222,7 +225,7 @@ class ScramServer:
     """
 
     def __init__(self, mechanism: str, credential: Optional[Credential],
-                 decoy: Callable[[str], tuple[bytes, int]]) -> None:
+                 decoy: Callable[[str], bytes]) -> None:
         self.mechanism = check_mechanism(mechanism)
         self.credential = credential
         self._decoy = decoy
@@ -248,7 +251,7 @@ class ScramServer:
             raise ScramError("SCRAM message out of order")
         self.username = self.user_of(client_first)
         credential = self.credential or decoy_credential(self.mechanism,
-                                                         *self._decoy(self.username))
+                                                         self._decoy(self.username))
         self._scram = scramp.ScramMechanism(self.mechanism).make_server(
             lambda _prepped_name: credential.auth_info())
         try:

@@ -67,7 +67,7 @@ def test_client_refuses_few_iterations_and_foreign_nonces():
 @pytest.mark.parametrize("name", ["app", "a,b=c", "\u2168"])
 def test_server_accepts_the_right_password_only(mechanism, name):
     cred = scram.make_credential(mechanism, name, "p\u00e4ss")
-    decoy = lambda user: (b"s" * 16, 4096)  # noqa: E731
+    decoy = lambda user: b"s" * 32  # noqa: E731
 
     def converse(password: str) -> bytes:
         server = scram.ScramServer(mechanism, cred, decoy)
@@ -86,22 +86,28 @@ def test_server_accepts_the_right_password_only(mechanism, name):
 def test_sha256_passwords_are_saslprepped():
     """The auth spec's SASLprep cases: "I\\u00ADX" logs in as "IX"."""
     cred = scram.make_credential(scram.SHA256, "IX", "IX")
-    server = scram.ScramServer(scram.SHA256, cred, lambda u: (b"", 0))
+    server = scram.ScramServer(scram.SHA256, cred, lambda u: b"")
     client = scram.ScramClient(scram.SHA256, "IX", "I\u00adX")
     client.verify(server.final(client.final(server.first(client.first()))))
 
 
-def test_unknown_user_looks_like_a_wrong_password():
+@pytest.mark.parametrize("mechanism, salt_size, iterations",
+                         [(scram.SHA256, 28, 15000), (scram.SHA1, 16, 10000)])
+def test_unknown_user_looks_like_a_wrong_password(mechanism, salt_size, iterations):
+    """The decoy has the salt size and iteration count of a real user of the mechanism."""
     seen = []
 
-    def decoy(user: str) -> tuple[bytes, int]:
+    def decoy(user: str) -> bytes:
         seen.append(user)
-        return b"d" * 28, 15000
+        return bytes(range(32))
 
-    server = scram.ScramServer(scram.SHA256, None, decoy)
-    client = scram.ScramClient(scram.SHA256, "ghost", "x")
+    real = scram.make_credential(mechanism, "someone", "pw")
+    assert (len(real.salt), real.iterations) == (salt_size, iterations)
+    server = scram.ScramServer(mechanism, None, decoy)
+    client = scram.ScramClient(mechanism, "ghost", "x")
     server_first = server.first(client.first())
-    assert b",s=" + scram.b64(b"d" * 28).encode() + b",i=15000" in server_first
+    salt = scram.b64(bytes(range(salt_size))).encode()
+    assert b",s=" + salt + b",i=" + str(iterations).encode() in server_first
     with pytest.raises(scram.ScramError, match="authentication failed"):
         server.final(client.final(server_first))
     assert seen == ["ghost"]
@@ -111,14 +117,14 @@ def test_unknown_user_looks_like_a_wrong_password():
                                    b"n,,n=u,r=x,m=ext", b"n,,n=a=bc,r=x", b"garbage"])
 def test_server_refuses_malformed_or_unsupported_client_first(first):
     with pytest.raises(scram.ScramError):
-        scram.ScramServer(scram.SHA256, None, lambda u: (b"s", 4096)).first(first)
+        scram.ScramServer(scram.SHA256, None, lambda u: b"s" * 32).first(first)
 
 
 def test_server_refuses_a_replayed_or_tampered_final():
     """A tampered final fails and ends its conversation; a good one works once."""
     cred = scram.make_credential(scram.SHA256, "u", "pw")
     for tampered in (True, False):
-        server = scram.ScramServer(scram.SHA256, cred, lambda u: (b"", 0))
+        server = scram.ScramServer(scram.SHA256, cred, lambda u: b"")
         client = scram.ScramClient(scram.SHA256, "u", "pw")
         final = client.final(server.first(client.first()))
         if tampered:
