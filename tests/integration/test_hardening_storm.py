@@ -49,10 +49,11 @@ UNANSWERED_AFTER = 20.0
 _LENGTH = struct.Struct("<i")
 
 
-class Monitor:
-    """One raw streaming monitor: exactly one awaitable hello outstanding at a time."""
+class RawPeer:
+    """A raw client of the member's port, read from the storm's selector loop: one
+    request outstanding at a time, the bytes it has been sent, the frames they make."""
 
-    __slots__ = ("n", "sock", "buf", "outstanding", "sent_at", "tv", "answers", "closed")
+    __slots__ = ("n", "sock", "buf", "outstanding", "sent_at", "closed")
 
     def __init__(self, n: int, port: int) -> None:
         self.n = n
@@ -61,17 +62,12 @@ class Monitor:
         self.buf = bytearray()
         self.outstanding: Optional[int] = None
         self.sent_at = 0.0
-        self.tv: Optional[dict[str, Any]] = None
-        self.answers = 0
         self.closed = False
 
-    def send_hello(self) -> None:
-        doc: dict[str, Any] = {"hello": 1, "$db": "admin"}
-        if self.tv is not None:
-            doc.update(topologyVersion=self.tv, maxAwaitTimeMS=MAX_AWAIT_MS)
+    def send(self, doc: dict[str, Any], what: str) -> None:
         frame = wire.op_msg(doc)
-        sent = self.sock.send(frame)           # ~150 bytes: always fits the send buffer
-        assert sent == len(frame), f"monitor {self.n}: short send"
+        sent = self.sock.send(frame)           # small: always fits the send buffer
+        assert sent == len(frame), f"{what} {self.n}: short send"
         self.outstanding = wire.request_id(frame)
         self.sent_at = time.monotonic()
 
@@ -86,38 +82,43 @@ class Monitor:
         return out
 
 
-class RawWriter:
+class Monitor(RawPeer):
+    """One raw streaming monitor: exactly one awaitable hello outstanding at a time."""
+
+    __slots__ = ("tv", "answers")
+
+    def __init__(self, n: int, port: int) -> None:
+        super().__init__(n, port)
+        self.tv: Optional[dict[str, Any]] = None
+        self.answers = 0
+
+    def send_hello(self) -> None:
+        doc: dict[str, Any] = {"hello": 1, "$db": "admin"}
+        if self.tv is not None:
+            doc.update(topologyVersion=self.tv, maxAwaitTimeMS=MAX_AWAIT_MS)
+        self.send(doc, "monitor")
+
+
+class RawWriter(RawPeer):
     """A driver without server selection: inserts on the member's port every
     RAW_WRITE_GAP seconds, whatever its state. While the member is SECONDARY each insert
     gets "not primary", and each such reply makes dvara re-check the member at once:
     a stream of topology notifications racing with the monitors' hellos."""
 
-    __slots__ = ("n", "sock", "buf", "outstanding", "sent_at", "next_at", "i", "doc_id",
-                 "acked", "closed")
+    __slots__ = ("next_at", "i", "doc_id", "acked")
 
     def __init__(self, n: int, port: int) -> None:
-        self.n = n
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        self.sock.setblocking(False)
-        self.buf = bytearray()
-        self.outstanding: Optional[int] = None
-        self.sent_at = self.next_at = 0.0
+        super().__init__(n, port)
+        self.next_at = 0.0
         self.i = 0
         self.doc_id = ""
         self.acked: list[str] = []
-        self.closed = False
 
     def send_insert(self) -> None:
         self.i += 1
         self.doc_id = f"raw-{self.n}-{self.i}"
-        frame = wire.op_msg({"insert": "docs", "documents": [{"_id": self.doc_id}],
-                             "$db": "storm"})
-        sent = self.sock.send(frame)
-        assert sent == len(frame), f"raw writer {self.n}: short send"
-        self.outstanding = wire.request_id(frame)
-        self.sent_at = time.monotonic()
-
-    frames = Monitor.frames
+        self.send({"insert": "docs", "documents": [{"_id": self.doc_id}], "$db": "storm"},
+                  "raw writer")
 
 
 class Storm:

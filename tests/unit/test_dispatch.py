@@ -5,7 +5,9 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from typing import Any
+from typing import Any, Iterator
+
+import pytest
 
 from dvara_lib import wire
 from dvara_lib.backend import discovery
@@ -83,7 +85,10 @@ class CountingMonitor:
         pass
 
 
-def test_a_storm_of_wake_ups_rechecks_a_member_at_most_every_quarter_second(monkeypatch):
+@pytest.fixture()
+def checked_member(monkeypatch: Any) -> Iterator[tuple[Member, CountingMonitor, Any]]:
+    """A running discovery thread whose one member is checked by a CountingMonitor,
+    after its first check."""
     topology = Topology("rs0")
     member = _member("db1:27017", Metrics())
     topology.add(member)
@@ -93,41 +98,34 @@ def test_a_storm_of_wake_ups_rechecks_a_member_at_most_every_quarter_second(monk
     thread.start()
     try:
         wait_until(lambda: monitor.checks, "the first check")
-        started = time.monotonic()
-        while time.monotonic() - started < 1.5:           # every failed request wakes it
-            thread.wake(member)
-            thread.wake()
-            time.sleep(0.001)
-        wait_until(lambda: time.monotonic() - monitor.checks[-1] > discovery.MIN_RECHECK,
-                   "the storm to settle")
+        yield member, monitor, thread
     finally:
         thread.close()
         thread.join(5)
         member.pool.close()
+
+
+def test_a_storm_of_wake_ups_rechecks_a_member_at_most_every_quarter_second(checked_member):
+    member, monitor, thread = checked_member
+    started = time.monotonic()
+    while time.monotonic() - started < 1.5:           # every failed request wakes it
+        thread.wake(member)
+        thread.wake()
+        time.sleep(0.001)
+    wait_until(lambda: time.monotonic() - monitor.checks[-1] > discovery.MIN_RECHECK,
+               "the storm to settle")
     gaps = [b - a for a, b in zip(monitor.checks, monitor.checks[1:])]
     assert 4 <= len(monitor.checks) <= 1.5 / discovery.MIN_RECHECK + 2, monitor.checks
     assert min(gaps) >= discovery.MIN_RECHECK * 0.95, gaps
 
 
-def test_a_wake_up_brings_the_next_check_forward(monkeypatch: Any):
-    topology = Topology("rs0")
-    member = _member("db1:27017", Metrics())
-    topology.add(member)
-    monitor = CountingMonitor(member)
-    thread = discovery.DiscoveryThread(topology, interval=60.0, timeout=1.0)
-    monkeypatch.setattr(thread, "_monitor", lambda m: monitor)
-    thread.start()
-    try:
-        wait_until(lambda: monitor.checks, "the first check")
-        time.sleep(discovery.MIN_RECHECK)
-        woken = time.monotonic()
-        thread.wake(member)
-        wait_until(lambda: len(monitor.checks) == 2, "a check soon after the wake-up", 2)
-        assert monitor.checks[1] - woken < 0.2
-    finally:
-        thread.close()
-        thread.join(5)
-        member.pool.close()
+def test_a_wake_up_brings_the_next_check_forward(checked_member):
+    member, monitor, thread = checked_member
+    time.sleep(discovery.MIN_RECHECK)
+    woken = time.monotonic()
+    thread.wake(member)
+    wait_until(lambda: len(monitor.checks) == 2, "a check soon after the wake-up", 2)
+    assert monitor.checks[1] - woken < 0.2
 
 
 def test_a_crew_wakes_the_worker_that_slept_last():
