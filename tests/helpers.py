@@ -78,6 +78,16 @@ def require(tool: str) -> str:
     return path
 
 
+def _all_stopped(pid: int) -> bool:
+    """Whether every thread of pid is stopped (state T or t in /proc)."""
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+        states = [(t / "stat").read_text().rpartition(")")[2].split()[0] for t in tasks]
+    except (OSError, IndexError):
+        return False
+    return bool(states) and all(state in ("T", "t") for state in states)
+
+
 class Process:
     """A child process with its output in a log file; stopped by stop() (or a with block).
 
@@ -108,8 +118,12 @@ class Process:
         return self.log_path.read_text(errors="replace")
 
     def send_signal(self, sig: int) -> None:
+        """Signal the child; a SIGSTOP returns once every thread of it has stopped (the
+        kernel stops a thread running on another CPU only at its next kernel entry)."""
         if self.proc.poll() is None:
             os.kill(self.proc.pid, sig)
+            if sig == signal.SIGSTOP:
+                wait_until(lambda: _all_stopped(self.proc.pid), f"pid {self.proc.pid} to stop", 5)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> Optional[int]:
         """Signal the child (once resumed, if stopped) and reap it; its exit status."""
