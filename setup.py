@@ -35,6 +35,7 @@ setup(
             "SecantusDB>=0.7.0b3",
             "hypothesis>=6",
             "trustme>=1.0",
+            "Pillow>=10",  # the dashboards test decodes Ganglia-web's graphs
             *COMPRESSION,
             # pymongo's own zstd (the tests' clients): the backport of 3.14's compression.zstd
             "backports.zstd>=1.0; python_version < '3.14'",

@@ -9,11 +9,13 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import bson
+from pymongo import MongoClient
 
 from dvara_lib import wire
 
@@ -86,6 +88,38 @@ def _all_stopped(pid: int) -> bool:
     except (OSError, IndexError):
         return False
     return bool(states) and all(state in ("T", "t") for state in states)
+
+
+class LoadThread:
+    """A thread calling step() through a MongoClient until the with block ends; what
+    step() raises is kept in ``errors`` (for the test to assert on) and the loop goes on."""
+
+    def __init__(self, uri: str, name: str) -> None:
+        self.client: MongoClient = MongoClient(uri, serverSelectionTimeoutMS=10000)
+        self.errors: list[BaseException] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def __enter__(self) -> "LoadThread":
+        self.client.admin.command("ping")
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
+        self.client.close()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.step()
+            except Exception as exc:
+                self.errors.append(exc)
+                self._stop.wait(0.05)
+
+    def step(self) -> None:
+        raise NotImplementedError
 
 
 class Process:

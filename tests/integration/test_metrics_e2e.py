@@ -27,7 +27,8 @@ from dvara_lib import __version__, wire
 from dvara_lib.observe.admin import prometheus_name
 from dvara_lib.observe.metrics import COUNTER, GAUGE, HISTOGRAM, MEASURES, metric_name
 from tests.ganglia_harness import HISTOGRAM_SUFFIXES, Gmond, ganglia_names
-from tests.helpers import ROOT, Dvara, RawClient, Secantus, free_port, wait_until
+from tests.helpers import (ROOT, Dvara, LoadThread, RawClient, Secantus, free_port,
+                           wait_until)
 
 INTERVAL = 1.0                      # --metrics-interval of every dvara here
 MAX_CONNECTIONS = 2                 # --max-connections of the shared stack
@@ -98,34 +99,16 @@ def warnings_in(log: str) -> list[tuple[float, str]]:
     return out
 
 
-class PingLoad:
+class PingLoad(LoadThread):
     """A thread pinging through dvara as fast as it can; counts completions per window."""
 
     def __init__(self, uri: str) -> None:
-        self.client: MongoClient = MongoClient(uri, serverSelectionTimeoutMS=10000)
+        super().__init__(uri, "ping-load")
         self.done: list[float] = []
-        self.errors: list[BaseException] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="ping-load", daemon=True)
 
-    def __enter__(self) -> "PingLoad":
+    def step(self) -> None:
         self.client.admin.command("ping")
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join(30)
-        self.client.close()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.client.admin.command("ping")
-                self.done.append(time.monotonic())
-            except Exception as exc:  # counted, and asserted on by the test
-                self.errors.append(exc)
-                time.sleep(0.05)
+        self.done.append(time.monotonic())
 
     def count_in(self, seconds: float) -> int:
         """Pings completed in the next ``seconds``."""
