@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from dvara_lib import __version__, wire
 from dvara_lib.address import format_address
 from dvara_lib.backend.connect import Backend
-from dvara_lib.backend.discovery import DiscoveryThread, discover
+from dvara_lib.backend.discovery import Discovered, DiscoveryThread, discover
 from dvara_lib.backend.membership import PortBook, wanted_members
 from dvara_lib.backend.topology import Member, Topology
 from dvara_lib.config import check_port_range
@@ -90,7 +90,7 @@ class Server:
                          timeout=min(_DISCOVERY_TIMEOUT, s.message_timeout))
         self.ports = PortBook(s.port_start, s.port_end, s.member_map, s.state_file)
         check_port_range(s, len([m for m in found.members if m not in self.ports.pinned]))
-        self.topology = Topology(found.set_name)
+        self.topology = Topology(found.set_name, routers=found.routers)
         self.discovery = DiscoveryThread(
             self.topology, s.discovery_interval, _check_timeout(s.discovery_interval),
             self.backend,
@@ -105,8 +105,7 @@ class Server:
         self.plane.start()
         self.discovery.start()
         self._start_services()
-        log.info("dvara %s serving replica set %s: %s", __version__,
-                 found.set_name or "(standalone)",
+        log.info("dvara %s serving %s: %s", __version__, _served(found),
                  ", ".join(f"{m.real} as {m.proxy}" for m in self.topology.members()))
         _log_compressors()
         print(f"dvara is ready; connect with: {self.connection_string()}", flush=True)
@@ -122,8 +121,10 @@ class Server:
                          self.backend)
 
     def connection_string(self) -> str:
-        """The URI a client should use to reach the set through the proxy."""
+        """The URI a client should use to reach the set (or the routers) through the proxy."""
         hosts = ",".join(m.proxy for m in self.topology.members())
+        if self.topology.routers:
+            return f"mongodb://{hosts}/"
         name = self.topology.set_name
         return f"mongodb://{hosts}/?" + (f"replicaSet={name}" if name else "directConnection=true")
 
@@ -297,6 +298,12 @@ class Server:
         plane = self.plane.status() if self.plane is not None else {}
         return status_document(self.settings, self.started, self.topology, plane,
                                self.metrics.counter_totals())
+
+
+def _served(found: Discovered) -> str:
+    if found.routers:
+        return "mongos routers"
+    return f"replica set {found.set_name}" if found.set_name else "a standalone server"
 
 
 def _listen(host: str, port: int, inherited: list[int], count: int) -> list[socket.socket]:

@@ -286,7 +286,10 @@ class Relay:
         doc = hello.build_answer(self.topology, member, name, request, client.id,
                                  client.compressors)
         if doc is None:
-            log.info("no hello yet from %s; closing %s", member.real, client)
+            if member.answer is None:
+                log.info("no hello yet from %s; closing %s", member.real, client)
+            else:
+                log.debug("router %s is down; closing %s", member.real, client)
             return Verdict.CLOSE
         member.stats.incr("hello.answered")
         if self.gate is not None:               # saslSupportedMechs, speculative login
