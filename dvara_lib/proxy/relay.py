@@ -269,8 +269,10 @@ class Relay:
         if "compression" in request:
             client.compressors = hello.negotiate_compression(request)
         wait = hello.wait_seconds(request, self.topology, member)
-        if member.answer is None or member.suspect:
+        if member.suspect or (member.answer is None and not member.checked_at):
             # Never checked yet, or a reply just said it changed: answer after a fresh check.
+            # (Checked but never reachable: closed at once, not held, so that a driver's
+            # first round-trip time once it answers is not the time it was held.)
             wait = FIRST_CHECK_WAIT
         exhaust = wire.opcode(frame) == wire.OP_MSG and bool(
             wire.msg_flags(frame) & wire.EXHAUST_ALLOWED)
