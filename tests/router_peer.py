@@ -12,8 +12,9 @@ Run as a script (a real process the tests can SIGKILL):
 # it (a SecantusDB that several routers share, as real routers share the shards), over
 # one server connection per client connection, so the server's cursors, sessions and
 # transactions work through it. Each relayed request is logged, one JSON line per
-# request in FILE ({"router", "cmd", "cursor" for a getMore}), so a test can tell which
-# router served what. One thread per client connection.
+# request in FILE ({"router", "cmd", "txn": whether it has a txnNumber, "cursor" for a
+# getMore}), so a test can tell which router served what. One thread per client
+# connection.
 """
 
 from __future__ import annotations
@@ -110,8 +111,11 @@ class Router:
 
     def _record(self, frame: bytes, name: Optional[str]) -> None:
         entry: dict[str, Any] = {"router": self.name, "cmd": name}
-        if name == "getMore" and wire.opcode(frame) == wire.OP_MSG:
-            entry["cursor"] = int(wire.decode_msg_body(frame)["getMore"])
+        if wire.opcode(frame) == wire.OP_MSG:
+            body = wire.decode_msg_body(frame)
+            entry["txn"] = "txnNumber" in body
+            if name == "getMore":
+                entry["cursor"] = int(body["getMore"])
         with self._log_lock:
             self._log.write(json.dumps(entry) + "\n")
 

@@ -15,6 +15,7 @@ from dvara_lib.backend.discovery import Check, DiscoveryThread, discover
 from dvara_lib.backend.pool import Pool
 from dvara_lib.backend.topology import Member, Topology, is_router
 from dvara_lib.errors import ConnectionFailure, DiscoveryError
+from dvara_lib.observe import status_cli
 from dvara_lib.observe.metrics import Metrics
 from dvara_lib.proxy import hello
 
@@ -142,3 +143,12 @@ def test_a_member_that_answers_as_no_router_stays_down(routers: Topology,
         assert member.up and member.state == "ROUTER"
     finally:
         thread._checks.shutdown()
+
+
+def test_dvara_status_says_it_serves_routers() -> None:
+    doc = {"version": "0.1.0", "uptime_s": 5, "routers": True, "set_name": None,
+           "clients": {"connected": 1, "max": 10},
+           "members": [{"member": R1, "proxy": "127.0.0.1:40001", "state": "ROUTER", "up": True}]}
+    text = status_cli.render_status(doc)
+    assert text.splitlines()[0] == "dvara 0.1.0  mongos routers  up 00:00:05  clients 1/10  members 1"
+    assert "ROUTER" in text
