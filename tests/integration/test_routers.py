@@ -212,3 +212,33 @@ def test_a_router_down_at_start_gets_its_port_and_serves_once_it_answers(
 
 def _server_type(client: MongoClient, address: tuple[str, int]) -> str:
     return client.topology_description.server_descriptions()[address].server_type_name
+
+
+def test_routers_keep_their_ports_across_a_restart_with_the_state_file(
+        secantus: Secantus, tmp_path: Path) -> None:
+    state = tmp_path / "ports.json"
+    routers = [Router(tmp_path, secantus.address, f"s{i}", tmp_path / "s.log") for i in range(3)]
+    try:
+        first = Dvara(tmp_path, ",".join(r.address for r in routers), "--state-file", str(state))
+        ports = {r.address: _port_of(first, r.address) for r in routers}
+        first.stop()
+        reordered = [routers[2], routers[0]]
+        again = tmp_path / "again"          # a log of its own
+        again.mkdir()
+        second = Dvara(again, ",".join(r.address for r in reordered), "--state-file",
+                       str(state), port_start=first.port_start)
+        try:
+            assert {r.address: _port_of(second, r.address) for r in reordered} == {
+                r.address: ports[r.address] for r in reordered}
+            assert second.uri() == "mongodb://" + ",".join(
+                f"127.0.0.1:{ports[r.address]}" for r in reordered) + "/"
+        finally:
+            second.stop()
+    finally:
+        for router in routers:
+            router.stop()
+
+
+def _port_of(proxy: Dvara, real: str) -> int:
+    line = next(l for l in proxy.log().splitlines() if f"proxying member {real} on" in l)
+    return int(line.rsplit(":", 1)[1])
