@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import time
 import uuid
 from pathlib import Path
 from typing import Iterator
@@ -170,12 +171,25 @@ def test_a_killed_router_loses_no_acknowledged_write_and_the_load_moves_on(
             assert {r["router"] for r in after if r["cmd"] == "insert"} == {"r1", "r2"}
             wait_until(lambda: _states(cluster) == ["DOWN", "ROUTER", "ROUTER"],
                        "the killed router shown down")
+            _fails_fast(_port_of(cluster.proxy, victim.address))
         with MongoClient(fresh_secantus.address, directConnection=True) as direct:
             stored = {d["_id"] for d in direct.restart.docs.find({}, {"_id": 1})}
         assert set(load.acked) <= stored
         assert len(load.failed) <= 20, load.failed[:5]
     finally:
         cluster.close()
+
+
+def _fails_fast(port: int) -> None:
+    """The port of a router that is down: a command gets HostUnreachable at once, a hello
+    no answer (its connection is closed)."""
+    with RawClient(port) as raw:
+        started = time.monotonic()
+        reply = raw.command({"ping": 1})
+        assert reply["codeName"] == "HostUnreachable" and time.monotonic() - started < 3
+    with RawClient(port) as raw:
+        raw.send(wire.op_msg({"hello": 1, "$db": "admin"}))
+        assert raw.outcome(timeout=3) == "closed"
 
 
 def _states(cluster: Cluster) -> list[str]:
