@@ -67,6 +67,8 @@ class Member:
         self.max_wire_version = 0
         self.suspect_since = 0.0    # when a reply last said this member changed (monotonic)
         self.checked_at = 0.0       # when the latest applied check started (monotonic)
+        #: --load-balanced: the serviceId drivers see for this router (the LB spec)
+        self.service_id = bson.ObjectId()
 
     @property
     def suspect(self) -> bool:

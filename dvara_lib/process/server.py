@@ -88,8 +88,10 @@ class Server:
         self.backend = Backend.from_settings(s, __version__)
         found = discover(self.backend, list(s.addrs),
                          timeout=min(_DISCOVERY_TIMEOUT, s.message_timeout))
-        self.ports = PortBook(s.port_start, s.port_end, s.member_map, s.state_file)
-        check_port_range(s, len([m for m in found.members if m not in self.ports.pinned]))
+        balanced = _check_balanced(s, found)
+        self.ports = PortBook(s.port_start + balanced, s.port_end, s.member_map, s.state_file)
+        check_port_range(s, balanced + len([m for m in found.members
+                                            if m not in self.ports.pinned]))
         self.topology = Topology(found.set_name, routers=found.routers)
         self.discovery = DiscoveryThread(
             self.topology, s.discovery_interval, _check_timeout(s.discovery_interval),
@@ -97,10 +99,12 @@ class Server:
             reconcile=self.reconcile if found.set_name else None,
             monitor_threads=min(8, len(self.ports.ports) + len(s.member_map)), seeds=s.addrs)
         self.plane = self._make_plane()
-        self.discovery.on_checked = self.plane.checked
+        self.discovery.on_checked = self._checked
         self.topology.on_change(lambda m: m.stats.incr("topology.changes"))
         for real in found.members + self._mapped_extras(found.members):
             self._add_member(real, found.hellos.get(real))
+        if balanced:
+            self._open_balanced()
         self.discovery.poll_once()
         self.plane.start()
         self.discovery.start()
@@ -122,11 +126,31 @@ class Server:
 
     def connection_string(self) -> str:
         """The URI a client should use to reach the set (or the routers) through the proxy."""
+        if self.settings.load_balanced:
+            port = self.settings.port_start
+            return f"mongodb://{format_address(self.settings.advertise_host, port)}/" \
+                   "?loadBalanced=true"
         hosts = ",".join(m.proxy for m in self.topology.members())
         if self.topology.routers:
             return f"mongodb://{hosts}/"
         name = self.topology.set_name
         return f"mongodb://{hosts}/?" + (f"replicaSet={name}" if name else "directConnection=true")
+
+    def _open_balanced(self) -> None:
+        """--load-balanced: one listener on --port-start for every router."""
+        s = self.settings
+        socks = _listen(s.listen_host, s.port_start, self._inherited.pop(s.port_start, []), 1)
+        self.listeners[s.port_start] = socks
+        name = format_address(s.advertise_host, s.port_start)
+        self.plane.add_balanced_listener(socks[0], name)
+        log.info("load-balanced listener for every router on %s", name)
+
+    def _checked(self, member: Member, was_up: bool) -> None:
+        """A check of member was applied (discovery thread): the pools follow it; with
+        --load-balanced, the clients of a router that went down are closed."""
+        self.plane.checked(member, was_up)
+        if self.settings.load_balanced and was_up and not member.up:
+            self.plane.close_clients(member)
 
     def _mapped_extras(self, members: list[str]) -> list[str]:
         """--member-map members the seeds did not list (hidden ones, say)."""
@@ -298,6 +322,17 @@ class Server:
         plane = self.plane.status() if self.plane is not None else {}
         return status_document(self.settings, self.started, self.topology, plane,
                                self.metrics.counter_totals())
+
+
+def _check_balanced(settings: "Settings", found: Discovered) -> int:
+    """1 if --load-balanced (its listener takes --port-start), else 0. Can raise
+    ConfigError: the mode needs mongos routers."""
+    if not settings.load_balanced:
+        return 0
+    if not found.routers:
+        raise ConfigError("--load-balanced: the seeds are not mongos routers "
+                          f"(they are {_served(found)}); it serves routers only")
+    return 1
 
 
 def _served(found: Discovered) -> str:

@@ -10,7 +10,9 @@ with every host field naming proxy addresses, and parks awaitable ones (see acce
 # router port and a Sharded topology. A router that is down gets no answer: a mongos
 # that is down does not answer, and a driver that cannot run its hello marks the server
 # Unknown and clears its pool (the SDAM spec), so the hello's connection is closed. A
-# down replica-set member is shown as neither primary nor secondary instead.
+# down replica-set member is shown as neither primary nor secondary instead. A hello
+# with ``loadBalanced: true`` (a driver in load-balanced mode, --load-balanced) gets the
+# router's ``serviceId`` too.
 """
 
 from __future__ import annotations
@@ -88,6 +90,8 @@ def build_answer(topology: "Topology", member: "Member", command: str,
         doc["helloOk"] = True
     if "compression" in request:
         doc["compression"] = compressors
+    if request.get("loadBalanced") and is_router(base):
+        doc["serviceId"] = member.service_id    # a driver with loadBalanced=true needs it
     doc.pop("ok", None)
     doc["ok"] = 1.0
     return doc

@@ -215,7 +215,7 @@ class Relay:
         conn = self._checkout(client, frame)
         if conn is None:
             member.stats.incr("requests")
-            return Verdict.RESUME
+            return Verdict.CLOSE if client.closing else Verdict.RESUME
         try:
             conn.send(frame)
             reply = conn.read_frame()
@@ -318,7 +318,8 @@ class Relay:
         if conn is None:
             conn = self._checkout(client, frame)
             if conn is None:
-                return Verdict.RESUME if wire.expects_reply(frame) else Verdict.CLOSE
+                return Verdict.RESUME if wire.expects_reply(frame) and not client.closing \
+                    else Verdict.CLOSE
         with conn:
             if not self._send(member, conn, frame):
                 return Verdict.CLOSE
@@ -340,7 +341,8 @@ class Relay:
         return verdict
 
     def _checkout(self, client: ClientConn, frame: bytes) -> Optional["ServerConnection"]:
-        """A server connection, or None after answering the client with an error."""
+        """A server connection, or None after answering the client with an error (or,
+        --load-balanced, marking it to be closed when its server cannot be reached)."""
         member = client.member
         try:
             if not member.up and member.answer is not None:
@@ -356,6 +358,12 @@ class Relay:
             (log.debug if login else log.warning)("cannot connect to %s: %s", member.real, exc)
             if not login:
                 self.on_server_failure(member)
+                if self.settings.load_balanced:
+                    # A driver in load-balanced mode takes a network error (not an error
+                    # reply) as "this router is gone": it drops its connections to it and
+                    # retries on a new one, which dvara binds to a router that is up.
+                    client.closing = True
+                    return None
             self._send_error(client, frame, HOST_UNREACHABLE,
                              f"dvara: cannot reach the server behind {member.proxy}"
                              + (" (dvara cannot log in to it)" if login else ""))
