@@ -23,7 +23,7 @@ pytestmark = pytest.mark.timeout(120)
 class Cluster:
     """Three test routers over one SecantusDB, and dvara in front of them."""
 
-    def __init__(self, tmp: Path, secantus: Secantus, *dvara_args: str) -> None:
+    def __init__(self, tmp: Path, secantus: Secantus, *dvara_args: str, ports: int = 3) -> None:
         self.log = tmp / f"requests-{uuid.uuid4().hex}.log"
         self.secantus = secantus
         self.routers: list[Router] = []
@@ -32,7 +32,7 @@ class Cluster:
         try:
             self.routers = [Router(tmp, secantus.address, f"r{i}", self.log) for i in range(3)]
             self.proxy = Dvara(tmp, ",".join(r.address for r in self.routers), *dvara_args,
-                               "--admin-addr", self.admin)
+                               "--admin-addr", self.admin, ports=ports)
         except BaseException:
             self.close()
             raise
@@ -158,26 +158,38 @@ def test_a_killed_router_loses_no_acknowledged_write_and_the_load_moves_on(
             client.admin.command("ping")
             wait_until(lambda: len(client.nodes) == 3, "the three router ports known")
             victim = cluster.routers[0]
-            with Load(client, threads=4) as load:
-                wait_until(lambda: len([r for r in cluster.requests()
-                                        if r["router"] == victim.name]) >= 20,
-                           "the victim router serving inserts", timeout=30)
-                victim.stop(signal.SIGKILL)
-                killed_at = len(cluster.requests())
-                acked_at_kill = len(load.acked)
-                wait_until(lambda: len(load.acked) >= acked_at_kill + 300,
-                           "300 more inserts acknowledged after the kill", timeout=30)
-            after = cluster.requests()[killed_at:]
+            load, after = _kill_mid_load(cluster, client, threads=4)
             assert {r["router"] for r in after if r["cmd"] == "insert"} == {"r1", "r2"}
             wait_until(lambda: _states(cluster) == ["DOWN", "ROUTER", "ROUTER"],
                        "the killed router shown down")
             _fails_fast(_port_of(cluster.proxy, victim.address))
-        with MongoClient(fresh_secantus.address, directConnection=True) as direct:
-            stored = {d["_id"] for d in direct.restart.docs.find({}, {"_id": 1})}
-        assert set(load.acked) <= stored
-        assert len(load.failed) <= 20, load.failed[:5]
+        _no_acknowledged_write_lost(fresh_secantus, load)
     finally:
         cluster.close()
+
+
+def _kill_mid_load(cluster: Cluster, client: MongoClient,
+                   threads: int) -> tuple[Load, list[dict]]:
+    """Insert from threads, SIGKILL the first router while it serves, go on until 300
+    more inserts are acknowledged: the load, and the requests relayed after the kill."""
+    victim = cluster.routers[0]
+    with Load(client, threads=threads) as load:
+        wait_until(lambda: len([r for r in cluster.requests()
+                                if r["router"] == victim.name]) >= 20,
+                   "the victim router serving inserts", timeout=30)
+        victim.stop(signal.SIGKILL)
+        killed_at = len(cluster.requests())
+        acked_at_kill = len(load.acked)
+        wait_until(lambda: len(load.acked) >= acked_at_kill + 300,
+                   "300 more inserts acknowledged after the kill", timeout=30)
+    return load, cluster.requests()[killed_at:]
+
+
+def _no_acknowledged_write_lost(secantus: Secantus, load: Load) -> None:
+    with MongoClient(secantus.address, directConnection=True) as direct:
+        stored = {d["_id"] for d in direct.restart.docs.find({}, {"_id": 1})}
+    assert set(load.acked) <= stored
+    assert len(load.failed) <= 20, load.failed[:5]
 
 
 def _fails_fast(port: int) -> None:
@@ -256,3 +268,77 @@ def test_routers_keep_their_ports_across_a_restart_with_the_state_file(
 def _port_of(proxy: Dvara, real: str) -> int:
     line = next(l for l in proxy.log().splitlines() if f"proxying member {real} on" in l)
     return int(line.rsplit(":", 1)[1])
+
+
+# -- --load-balanced ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def balanced(secantus: Secantus, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    made = Cluster(tmp_path_factory.mktemp("balanced"), secantus, "--load-balanced", ports=4)
+    yield made
+    made.close()
+
+
+def test_load_balanced_drivers_spread_over_the_routers_one_connection_one_router(
+        balanced: Cluster) -> None:
+    assert balanced.proxy.uri() == f"mongodb://127.0.0.1:{balanced.proxy.port}/?loadBalanced=true"
+    clients = [balanced.client(maxPoolSize=1) for _ in range(3)]
+    try:
+        assert clients[0].topology_description.topology_type_name == "LoadBalanced"
+        before = len(balanced.requests())
+        for n, client in enumerate(clients):
+            for i in range(5):
+                client.routers.balanced.insert_one({"client": n, "i": i})
+        inserts = [r["router"] for r in balanced.requests()[before:] if r["cmd"] == "insert"]
+        assert len(inserts) == 15
+        per_client = [inserts[n * 5:(n + 1) * 5] for n in range(3)]
+        assert all(len(set(served)) == 1 for served in per_client)   # one connection, one router
+        assert {served[0] for served in per_client} == {"r0", "r1", "r2"}   # least loaded
+    finally:
+        for client in clients:
+            client.close()
+
+
+def test_load_balanced_cursors_and_transactions_stay_on_one_router(balanced: Cluster) -> None:
+    with balanced.client(maxPoolSize=4) as client:
+        coll = client.routers.lb_cursor
+        coll.drop()
+        coll.insert_many([{"_id": i} for i in range(60)])
+        cursors = [coll.find(batch_size=4).sort("_id", 1) for _ in range(3)]
+        firsts = [next(cursor) for cursor in cursors]       # three cursors open at once
+        for first, cursor in zip(firsts, cursors):
+            cursor_id = cursor.cursor_id
+            assert [first["_id"]] + [d["_id"] for d in cursor] == list(range(60))
+            served = [r["router"] for r in balanced.requests() if r.get("cursor") == cursor_id]
+            assert len(served) >= 14 and len(set(served)) == 1
+        before = len(balanced.requests())
+        with client.start_session() as session:
+            with session.start_transaction():
+                for i in range(5):
+                    coll.insert_one({"_id": f"t{i}"}, session=session)
+        in_txn = [r for r in balanced.requests()[before:]
+                  if r["cmd"] in ("insert", "commitTransaction")]
+        assert len(in_txn) == 6 and len({r["router"] for r in in_txn}) == 1
+        assert coll.count_documents({"_id": {"$regex": "^t"}}) == 5
+
+
+def test_load_balanced_a_killed_router_loses_no_acknowledged_write(
+        fresh_secantus: Secantus, tmp_path: Path) -> None:
+    cluster = Cluster(tmp_path, fresh_secantus, "--load-balanced", ports=4)
+    try:
+        with cluster.client(maxPoolSize=6) as client:
+            load, after = _kill_mid_load(cluster, client, threads=6)
+            assert {r["router"] for r in after if r["cmd"] == "insert"} == {"r1", "r2"}
+            wait_until(lambda: _states(cluster)[0] == "DOWN", "the killed router shown down")
+        _no_acknowledged_write_lost(fresh_secantus, load)
+    finally:
+        cluster.close()
+
+
+def test_load_balanced_needs_routers(secantus: Secantus, tmp_path: Path) -> None:
+    proxy = Dvara(tmp_path, secantus.address, "--load-balanced", wait=False)
+    try:
+        assert proxy.proc.wait(30) != 0
+    finally:
+        proxy.stop()
+    assert "--load-balanced: the seeds are not mongos routers" in proxy.log()

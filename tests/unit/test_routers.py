@@ -9,6 +9,7 @@ from typing import Any
 import bson
 import pytest
 
+from dvara_lib import config
 from dvara_lib.address import parse_address
 from dvara_lib.backend.connect import Backend
 from dvara_lib.backend.discovery import Check, DiscoveryThread, discover
@@ -152,3 +153,21 @@ def test_dvara_status_says_it_serves_routers() -> None:
     text = status_cli.render_status(doc)
     assert text.splitlines()[0] == "dvara 0.1.0  mongos routers  up 00:00:05  clients 1/10  members 1"
     assert "ROUTER" in text
+
+
+def test_a_load_balanced_driver_gets_the_routers_service_id(routers: Topology) -> None:
+    member, other = routers.get(R1), routers.get(R2)
+    routers.update(member, router_hello())
+    routers.update(other, router_hello())
+    request = {"hello": 1, "loadBalanced": True}
+    doc = hello.build_answer(routers, member, "hello", request, 7, [])
+    assert doc["serviceId"] == member.service_id != other.service_id
+    assert "serviceId" not in answer(routers, member)
+
+
+def test_load_balanced_runs_in_one_process(capsys: pytest.CaptureFixture) -> None:
+    assert config.parse_args(["--load-balanced"], env={}).load_balanced is True
+    assert config.parse_args([], env={}).load_balanced is False
+    with pytest.raises(SystemExit):
+        config.parse_args(["--load-balanced", "--processes", "2"], env={})
+    assert "--load-balanced: runs in one process only" in capsys.readouterr().err
