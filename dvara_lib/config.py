@@ -98,6 +98,8 @@ class Settings:
     backend_tls_key_file: str | None
     # compression between the proxy and the servers (dvara_lib.backend.connect)
     backend_compressors: tuple[str, ...] = ()
+    # one listener for all mongos routers, for loadBalanced=true drivers (dvara_lib.process.server)
+    load_balanced: bool = False
 
 
 # ---------------------------------------------------------------- value parsers
@@ -366,7 +368,8 @@ class _Option:
 _OPTIONS: tuple[_Option, ...] = (
     # replica set
     _Option("addrs", _mongo_addresses_required, "localhost:27017", "backend", "HOST:PORT[,...]",
-            "seed list of replica-set members; the port defaults to 27017"),
+            "seed list of replica-set members (or of mongos routers); the port defaults "
+            "to 27017"),
     _Option("member-map", _member_map, "", "backend", "HOST:PORT=PORT[,...]",
             "pin members to proxy ports: real-host:port=proxy-port", default_text="empty"),
     _Option("discovery-interval", _duration, "5s", "backend", "DURATION",
@@ -383,6 +386,10 @@ _OPTIONS: tuple[_Option, ...] = (
             default_text="listen-host, or this machine's host name when that is 0.0.0.0 or ::"),
     _Option("port-start", _port, "6000", "listen", "PORT", "first proxy port (inclusive)"),
     _Option("port-end", _port, "6010", "listen", "PORT", "last proxy port (inclusive)"),
+    _Option("load-balanced", None, None, "listen", None,
+            "mongos routers only: one listener on --port-start for all of them, for drivers "
+            "connected with loadBalanced=true (each client connection stays on one router); "
+            "the routers' own ports follow it", action="store_true", default_text="false"),
     # connection pools
     _Option("max-connections", _int_at_least(1), "100", "pool", "N",
             "maximum server connections per member"),
@@ -623,6 +630,9 @@ def _cross_check(ns: argparse.Namespace) -> str | None:
             f"{ns.processes} processes need --max-connections >= {ns.processes}, "
             f"got {ns.max_connections}"
         )
+    if ns.load_balanced and ns.processes != 1:
+        return (f"--load-balanced: runs in one process only (--processes 1), "
+                f"got --processes {ns.processes}")
     if ns.min_idle_connections > ns.max_connections:
         return (
             f"--min-idle-connections: must be <= --max-connections ({ns.max_connections}), "
@@ -676,6 +686,7 @@ def _to_settings(ns: argparse.Namespace) -> Settings:
     values["tls_mode"] = _tls_mode(ns)
     values["tls_require_client_cert"] = bool(ns.tls_require_client_cert)
     values["backend_tls"] = bool(ns.backend_tls)
+    values["load_balanced"] = bool(ns.load_balanced)
     return Settings(**values)
 
 

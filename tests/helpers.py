@@ -308,3 +308,21 @@ class RawClient:
 
 def encode(doc: dict[str, Any]) -> bytes:
     return bson.encode(doc)
+
+
+class Router(Process):
+    """A test mongos router (tests/router_peer.py) on a free port in front of backend;
+    each request it relays is logged to log (router_peer.read_log reads it)."""
+
+    def __init__(self, tmp: Path, backend: str, name: str, log: Path,
+                 port: Optional[int] = None) -> None:
+        self.port = port or free_port()
+        self.name = name
+        argv = [sys.executable, str(ROOT / "tests" / "router_peer.py"), "--port", str(self.port),
+                "--backend", backend, "--name", name, "--log", str(log)]
+        super().__init__(argv, tmp / f"router-{name}-{self.port}.log")
+        self._started(lambda: f"router {name} ready" in self.log(), "the test router", 30)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"

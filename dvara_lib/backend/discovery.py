@@ -6,6 +6,14 @@
 # name, and lists the members. ``DiscoveryThread`` then polls every member on a
 # monitoring connection of its own every --discovery-interval (at once when woken after
 # a server failure), hands each reply to the topology, and maintains the pools.
+#
+# Seeds whose hello says ``msg: "isdbgrid"`` are mongos routers (the routers mode): then
+# every seed must be one (a router mixed with a replica-set member or a standalone is an
+# error at start), and the routers are the seeds, a seed that did not answer at start
+# included (it gets a listener and is checked like the others), plus the --member-map
+# entries (as for a replica set). Routers name no members, so nothing is added or
+# removed later (no reconcile), and no replSetGetStatus is run on them. A member of a
+# routers topology that answers as something else than a router is shown down.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ from dvara_lib.threads import start_thread_pool
 from dvara_lib.errors import ConnectionFailure, DiscoveryError, ProtocolError
 from dvara_lib.address import format_address, normalize
 from dvara_lib.backend.connect import Backend, hello_request, run_hello
-from dvara_lib.backend.topology import HOST_LIST_FIELDS
+from dvara_lib.backend.topology import HOST_LIST_FIELDS, is_router
 
 if TYPE_CHECKING:
     from dvara_lib.backend.topology import Member, Topology
@@ -36,26 +44,20 @@ MIN_RECHECK = 0.25
 
 @dataclass
 class Discovered:
-    """What the seeds said: the set name (None for a standalone) and the members."""
+    """What the seeds said: the set name (None for a standalone or routers), the members
+    (routers: the seeds), and whether they are mongos routers."""
 
     set_name: Optional[str]
     members: list[str]
     hellos: dict[str, dict[str, Any]] = field(default_factory=dict)
+    routers: bool = False
 
 
 def discover(backend: Backend, seeds: list[tuple[str, int]], timeout: float) -> Discovered:
     """Ask every seed for its hello; check they agree. Can raise DiscoveryError."""
-    hellos: dict[str, dict[str, Any]] = {}
-    failures = []
-    for seed in seeds:
-        name = format_address(*seed)
-        try:
-            hellos[name] = backend.probe(seed, timeout)
-        except (ConnectionFailure, ProtocolError) as exc:
-            failures.append(f"{name}: {exc}")
-            log.warning("seed %s did not answer: %s", name, exc)
-    if not hellos:
-        raise DiscoveryError(f"no seed answered within {timeout:.0f}s ({'; '.join(failures)})")
+    hellos = _ask_seeds(backend, seeds, timeout)
+    if any(is_router(hello) for hello in hellos.values()):
+        return _routers(seeds, hellos)
     names = {seed: hello.get("setName") for seed, hello in hellos.items()}
     if len(set(names.values())) > 1:
         said = ", ".join(f"{seed} says {name or 'standalone'}" for seed, name in names.items())
@@ -67,6 +69,46 @@ def discover(backend: Backend, seeds: list[tuple[str, int]], timeout: float) -> 
                                  "give one standalone or the members of one replica set")
         return Discovered(None, list(hellos), hellos)
     return Discovered(set_name, member_list(hellos.values()), hellos)
+
+
+def _ask_seeds(backend: Backend, seeds: list[tuple[str, int]],
+               timeout: float) -> dict[str, dict[str, Any]]:
+    """Every seed's hello, by address. Can raise DiscoveryError (no seed answered)."""
+    hellos: dict[str, dict[str, Any]] = {}
+    failures = []
+    for seed in seeds:
+        name = format_address(*seed)
+        try:
+            hellos[name] = backend.probe(seed, timeout)
+        except (ConnectionFailure, ProtocolError) as exc:
+            failures.append(f"{name}: {exc}")
+            log.warning("seed %s did not answer: %s", name, exc)
+    if not hellos:
+        raise DiscoveryError(f"no seed answered within {timeout:.0f}s ({'; '.join(failures)})")
+    return hellos
+
+
+def _routers(seeds: list[tuple[str, int]], hellos: dict[str, dict[str, Any]]) -> Discovered:
+    """The seeds are mongos routers: every seed that answered must be one. Can raise
+    DiscoveryError."""
+    others = [f"{seed} is {_kind(hello)}" for seed, hello in hellos.items()
+              if not is_router(hello)]
+    if others:
+        routers = ", ".join(seed for seed, hello in hellos.items() if is_router(hello))
+        raise DiscoveryError(
+            f"mixed seeds: {routers} answered as mongos router(s), but {'; '.join(others)}; "
+            "give either mongos routers only, or the members of one replica set, "
+            "or one standalone server")
+    members: list[str] = []
+    for seed in seeds:
+        _add(members, format_address(*seed))
+    return Discovered(None, members, {normalize(k): v for k, v in hellos.items()}, True)
+
+
+def _kind(hello: dict[str, Any]) -> str:
+    if hello.get("setName"):
+        return f"a member of replica set {hello['setName']}"
+    return "a standalone server"
 
 
 def member_list(hellos: Any) -> list[str]:
@@ -109,8 +151,8 @@ class MemberMonitor:
         the names its replSetGetStatus lists (hidden members show only there)."""
         try:
             hello = self._hello()
-            names = self._status_names() if hello.get("isWritablePrimary") or hello.get(
-                "ismaster") else []
+            primary = hello.get("isWritablePrimary") or hello.get("ismaster")
+            names = self._status_names() if primary and not is_router(hello) else []
         except (ConnectionFailure, ProtocolError, OSError) as exc:
             self.failures += 1
             if self.failures & (self.failures - 1) == 0:   # 1st, 2nd, 4th, 8th... failure
@@ -186,6 +228,7 @@ class DiscoveryThread(threading.Thread):
         self._next_seed_probe = 0.0
         self._last_start: dict[str, float] = {}
         self._woken: set[str] = set()
+        self._misfits: set[str] = set()     # routers mode: members that are no router
         self._wake_all = False
         self._wake = threading.Event()
         self._halt = threading.Event()
@@ -309,6 +352,14 @@ class DiscoveryThread(threading.Thread):
         member, hello = check.member, check.hello
         if self.topology.get(member.real) is not member:
             return
+        if self.topology.routers and hello is not None and not is_router(hello):
+            if member.real not in self._misfits:
+                log.error("%s answers as %s, not as a mongos router: it stays down",
+                          member.real, _kind(hello))
+            self._misfits.add(member.real)
+            hello = None
+        else:
+            self._misfits.discard(member.real)
         was_up = member.up
         self.topology.update(member, hello, checked_at=check.started)
         member.stats.gauge_set("member.up", 1 if hello is not None else 0)

@@ -3,6 +3,12 @@
 A ``Member`` is one real mongod and the listener that stands in for it. The discovery
 thread is the only writer of a member's hello; workers read ``member.answer`` (a dict
 that is replaced, never mutated) without a lock.
+
+# design:
+# In the routers mode (the seeds are mongos routers of a sharded cluster, their hellos
+# say ``msg: "isdbgrid"``) every router is a Member as well: its own listener, pool and
+# checks. A router's hello names no hosts, so ``rewrite_hello`` leaves it as it is
+# (per-connection fields dropped); ``Topology.routers`` says which mode this is.
 """
 
 from __future__ import annotations
@@ -34,6 +40,13 @@ VOLATILE_FIELDS = frozenset({
 DROPPED_FIELDS = frozenset({
     "connectionId", "topologyVersion", "compression", "helloOk", "saslSupportedMechs",
     "speculativeAuthenticate", "localTime"})
+#: What a mongos router says in its hello's ``msg`` field (drivers see a Mongos).
+ROUTER_MSG = "isdbgrid"
+
+
+def is_router(hello: Optional[dict[str, Any]]) -> bool:
+    """Whether hello is a mongos router's."""
+    return hello is not None and hello.get("msg") == ROUTER_MSG
 
 
 class Member:
@@ -54,6 +67,8 @@ class Member:
         self.max_wire_version = 0
         self.suspect_since = 0.0    # when a reply last said this member changed (monotonic)
         self.checked_at = 0.0       # when the latest applied check started (monotonic)
+        #: --load-balanced: the serviceId drivers see for this router (the LB spec)
+        self.service_id = bson.ObjectId()
 
     @property
     def suspect(self) -> bool:
@@ -70,6 +85,8 @@ class Member:
         hello = self.answer
         if not self.up or hello is None:
             return "DOWN"
+        if is_router(hello):
+            return "ROUTER"
         if hello.get("isWritablePrimary") or hello.get("ismaster"):
             return "PRIMARY"
         if hello.get("secondary"):
@@ -83,11 +100,14 @@ class Member:
 
 
 class Topology:
-    """Members by real address, the real→proxy address map, and change notification."""
+    """Members by real address, the real→proxy address map, and change notification.
+
+    routers: the members are mongos routers (no set name, no membership from hellos)."""
 
     def __init__(self, set_name: Optional[str],
-                 process_id: Optional[bson.ObjectId] = None) -> None:
+                 process_id: Optional[bson.ObjectId] = None, routers: bool = False) -> None:
         self.set_name = set_name
+        self.routers = routers
         self.process_id = process_id or bson.ObjectId()
         self._members: dict[str, Member] = {}
         self._proxy_of: dict[str, str] = {}

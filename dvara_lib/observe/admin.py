@@ -32,7 +32,7 @@ StatusFn = Callable[[], dict]
 #     "members": [
 #       {"member": "db1:27017",          # the real member address
 #        "proxy": "127.0.0.1:6000",      # where dvara listens for it
-#        "state": "PRIMARY",             # PRIMARY / SECONDARY / ARBITER / DOWN / ...
+#        "state": "PRIMARY",             # PRIMARY / SECONDARY / ARBITER / ROUTER / DOWN / ...
 #        "up": true,
 #        "pool": {"open": 5, "in_use": 2, "waiting": 0, "max": 100},
 #        "clients": 12,                   # client connections on this proxy
@@ -42,6 +42,7 @@ StatusFn = Callable[[], dict]
 #       ...
 #     ],
 #     "set_name": "rs0",                  # optional
+#     "routers": false,                   # optional: true when the members are mongos routers
 #     "clients": {"connected": 12, "max": 1000,
 #                 "busy": 3},             # optional: clients with a request in flight
 #     "config": {"option": value, ...}    # the resolved configuration

@@ -138,6 +138,8 @@ def _head(status: dict) -> str:
     head = f"dvara {status.get('version', '?')}"
     if status.get("set_name"):
         head += f"  set {status['set_name']}"
+    elif status.get("routers"):
+        head += "  mongos routers"
     head += (f"  up {_uptime(status.get('uptime_s'))}  "
              f"clients {_cell(clients.get('connected'))}/{_cell(clients.get('max'))}")
     if "busy" in clients:

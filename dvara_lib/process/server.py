@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from dvara_lib import __version__, wire
 from dvara_lib.address import format_address
 from dvara_lib.backend.connect import Backend
-from dvara_lib.backend.discovery import DiscoveryThread, discover
+from dvara_lib.backend.discovery import Discovered, DiscoveryThread, discover
 from dvara_lib.backend.membership import PortBook, wanted_members
 from dvara_lib.backend.topology import Member, Topology
 from dvara_lib.config import check_port_range
@@ -88,25 +88,28 @@ class Server:
         self.backend = Backend.from_settings(s, __version__)
         found = discover(self.backend, list(s.addrs),
                          timeout=min(_DISCOVERY_TIMEOUT, s.message_timeout))
-        self.ports = PortBook(s.port_start, s.port_end, s.member_map, s.state_file)
-        check_port_range(s, len([m for m in found.members if m not in self.ports.pinned]))
-        self.topology = Topology(found.set_name)
+        balanced = _check_balanced(s, found)
+        self.ports = PortBook(s.port_start + balanced, s.port_end, s.member_map, s.state_file)
+        check_port_range(s, balanced + len([m for m in found.members
+                                            if m not in self.ports.pinned]))
+        self.topology = Topology(found.set_name, routers=found.routers)
         self.discovery = DiscoveryThread(
             self.topology, s.discovery_interval, _check_timeout(s.discovery_interval),
             self.backend,
             reconcile=self.reconcile if found.set_name else None,
             monitor_threads=min(8, len(self.ports.ports) + len(s.member_map)), seeds=s.addrs)
         self.plane = self._make_plane()
-        self.discovery.on_checked = self.plane.checked
+        self.discovery.on_checked = self._checked
         self.topology.on_change(lambda m: m.stats.incr("topology.changes"))
         for real in found.members + self._mapped_extras(found.members):
             self._add_member(real, found.hellos.get(real))
+        if balanced:
+            self._open_balanced()
         self.discovery.poll_once()
         self.plane.start()
         self.discovery.start()
         self._start_services()
-        log.info("dvara %s serving replica set %s: %s", __version__,
-                 found.set_name or "(standalone)",
+        log.info("dvara %s serving %s: %s", __version__, _served(found),
                  ", ".join(f"{m.real} as {m.proxy}" for m in self.topology.members()))
         _log_compressors()
         print(f"dvara is ready; connect with: {self.connection_string()}", flush=True)
@@ -122,10 +125,32 @@ class Server:
                          self.backend)
 
     def connection_string(self) -> str:
-        """The URI a client should use to reach the set through the proxy."""
+        """The URI a client should use to reach the set (or the routers) through the proxy."""
+        if self.settings.load_balanced:
+            port = self.settings.port_start
+            return f"mongodb://{format_address(self.settings.advertise_host, port)}/" \
+                   "?loadBalanced=true"
         hosts = ",".join(m.proxy for m in self.topology.members())
+        if self.topology.routers:
+            return f"mongodb://{hosts}/"
         name = self.topology.set_name
         return f"mongodb://{hosts}/?" + (f"replicaSet={name}" if name else "directConnection=true")
+
+    def _open_balanced(self) -> None:
+        """--load-balanced: one listener on --port-start for every router."""
+        s = self.settings
+        socks = _listen(s.listen_host, s.port_start, self._inherited.pop(s.port_start, []), 1)
+        self.listeners[s.port_start] = socks
+        name = format_address(s.advertise_host, s.port_start)
+        self.plane.add_balanced_listener(socks[0], name)
+        log.info("load-balanced listener for every router on %s", name)
+
+    def _checked(self, member: Member, was_up: bool) -> None:
+        """A check of member was applied (discovery thread): the pools follow it; with
+        --load-balanced, the clients of a router that went down are closed."""
+        self.plane.checked(member, was_up)
+        if self.settings.load_balanced and was_up and not member.up:
+            self.plane.close_clients(member)
 
     def _mapped_extras(self, members: list[str]) -> list[str]:
         """--member-map members the seeds did not list (hidden ones, say)."""
@@ -297,6 +322,23 @@ class Server:
         plane = self.plane.status() if self.plane is not None else {}
         return status_document(self.settings, self.started, self.topology, plane,
                                self.metrics.counter_totals())
+
+
+def _check_balanced(settings: "Settings", found: Discovered) -> int:
+    """1 if --load-balanced (its listener takes --port-start), else 0. Can raise
+    ConfigError: the mode needs mongos routers."""
+    if not settings.load_balanced:
+        return 0
+    if not found.routers:
+        raise ConfigError("--load-balanced: the seeds are not mongos routers "
+                          f"(they are {_served(found)}); it serves routers only")
+    return 1
+
+
+def _served(found: Discovered) -> str:
+    if found.routers:
+        return "mongos routers"
+    return f"replica set {found.set_name}" if found.set_name else "a standalone server"
 
 
 def _listen(host: str, port: int, inherited: list[int], count: int) -> list[socket.socket]:

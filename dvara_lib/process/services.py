@@ -71,6 +71,7 @@ def status_document(settings: "Settings", started: float, topology: Optional["To
         "version": __version__,
         "uptime_s": round(time.time() - started, 1),
         "set_name": topology.set_name if topology else None,
+        "routers": topology.routers if topology else False,
         "processes": settings.processes,
         "workers": plane.get("workers", []),
         "members": members,

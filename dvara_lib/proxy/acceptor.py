@@ -93,19 +93,25 @@ class _OneShotSelector(selectors.EpollSelector):
 
 
 class _Listener:
-    __slots__ = ("sock", "member")
+    """A member's listener, or (member None) the --load-balanced one: choose() then says
+    which routers its new clients may be bound to."""
 
-    def __init__(self, sock: socket.socket, member: "Member") -> None:
+    __slots__ = ("sock", "member", "name", "choose")
+
+    def __init__(self, sock: socket.socket, member: Optional["Member"], name: str,
+                 choose: Optional[Callable[[], list["Member"]]] = None) -> None:
         self.sock = sock
         self.member = member
+        self.name = name
+        self.choose = choose
 
 
 class Acceptor(threading.Thread):
     """Accepts clients, reads their messages, hands whole messages to the workers.
 
-    Methods for other threads: add_listener, retire, handback, topology_changed, drain,
-    adopt, stop, call_soon (and, reading snapshots, listener_fds, counts,
-    clients_per_member). Everything else runs in this thread only.
+    Methods for other threads: add_listener, add_balanced_listener, retire, close_clients,
+    handback, topology_changed, drain, adopt, stop, call_soon (and, reading snapshots,
+    listener_fds, counts, clients_per_member). Everything else runs in this thread only.
     """
 
     def __init__(self, settings: "Settings", dispatcher: "Dispatcher", relay: "Relay",
@@ -122,8 +128,9 @@ class Acceptor(threading.Thread):
         self._wake_lock = threading.Lock()
         self._wake_fd: Optional[int] = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._selector.register(self._wake_fd, selectors.EVENT_READ, None)
-        self._listeners: dict["Member", _Listener] = {}
+        self._listeners: dict[Optional["Member"], _Listener] = {}   # None: load-balanced
         self._clients: set[ClientConn] = set()      # every open client
+        self._per_member: collections.Counter["Member"] = collections.Counter()
         self._per_ip: collections.Counter[str] = collections.Counter()
         self._parked: dict[int, ClientConn] = {}    # client id -> client with a parked hello
         self._deadlines: list[tuple[float, int, int]] = []   # (deadline, seq, client id)
@@ -150,7 +157,18 @@ class Acceptor(threading.Thread):
 
     def add_listener(self, sock: socket.socket, member: "Member") -> None:
         sock.setblocking(False)
-        self.call_soon(lambda: self._add_listener(sock, member))
+        self.call_soon(lambda: self._add_listener(_Listener(sock, member, member.proxy)))
+
+    def add_balanced_listener(self, sock: socket.socket, name: str,
+                              choose: Callable[[], list["Member"]]) -> None:
+        """One listener for several members (--load-balanced): each new client is bound,
+        for its whole life, to the member of choose() with the fewest clients."""
+        sock.setblocking(False)
+        self.call_soon(lambda: self._add_listener(_Listener(sock, None, name, choose)))
+
+    def close_clients(self, member: "Member", why: str) -> None:
+        """Close member's clients (each after its message in flight); keep its listener."""
+        self.call_soon(lambda: self._close_clients(member, why))
 
     def handback(self, client: ClientConn, verdict: Verdict,
                  parked: Optional[ParkedHello] = None) -> None:
@@ -196,7 +214,7 @@ class Acceptor(threading.Thread):
     def listener_fds(self) -> dict[int, int]:
         """proxy port → listening socket fd, for the process that will replace this one."""
         return {member.proxy_port: listener.sock.fileno()
-                for member, listener in list(self._listeners.items())}
+                for member, listener in list(self._listeners.items()) if member is not None}
 
     def counts(self) -> dict[str, int]:
         clients = list(self._clients)
@@ -257,13 +275,12 @@ class Acceptor(threading.Thread):
             _guarded(fn, "acceptor callback")
 
     # -- listeners and accepting ------------------------------------------------------------
-    def _add_listener(self, sock: socket.socket, member: "Member") -> None:
-        listener = _Listener(sock, member)
-        self._listeners[member] = listener
+    def _add_listener(self, listener: _Listener) -> None:
+        self._listeners[listener.member] = listener
         if not self.draining:
-            self._selector.register(sock, selectors.EVENT_READ, listener)
+            self._selector.register(listener.sock, selectors.EVENT_READ, listener)
 
-    def _remove_listener(self, member: "Member") -> None:
+    def _remove_listener(self, member: Optional["Member"]) -> None:
         listener = self._listeners.pop(member, None)
         if listener is not None:
             self._unregister(listener.sock)
@@ -271,9 +288,12 @@ class Acceptor(threading.Thread):
 
     def _retire(self, member: "Member") -> None:
         self._remove_listener(member)
+        self._close_clients(member, "member left the replica set")
+
+    def _close_clients(self, member: "Member", why: str) -> None:
         for client in [c for c in self._clients if c.member is member]:
             client.closing = True
-            self._close(client, "member left the replica set")
+            self._close(client, why)
 
     def _accept(self, listener: _Listener) -> None:
         for _ in range(_ACCEPT_BATCH):
@@ -284,7 +304,17 @@ class Acceptor(threading.Thread):
             except OSError as exc:
                 self._accept_failed(listener, exc)
                 return
-            self._admit(sock, peer, listener.member)
+            member = listener.member or self._least_loaded(listener)
+            if member is None:
+                log.warning("no router is up for a client on %s; closing it", listener.name)
+                sock.close()
+                continue
+            self._admit(sock, peer, member)
+
+    def _least_loaded(self, listener: _Listener) -> Optional["Member"]:
+        """The member of a load-balanced listener with the fewest clients (None if none)."""
+        members = listener.choose() if listener.choose is not None else []
+        return min(members, key=lambda m: self._per_member[m], default=None)
 
     def _accept_failed(self, listener: _Listener, exc: OSError) -> None:
         if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
@@ -292,7 +322,7 @@ class Acceptor(threading.Thread):
         now = time.monotonic()
         if now - self._accept_error_logged >= 1.0:   # at most one line a second
             self._accept_error_logged = now
-            log.error("accept on %s failed: %s; retrying every %.1fs", listener.member.proxy,
+            log.error("accept on %s failed: %s; retrying every %.1fs", listener.name,
                       exc, _ACCEPT_BACKOFF)
         self._unregister(listener.sock)
         self._later(_ACCEPT_BACKOFF, lambda: self._reregister_listener(listener))
@@ -332,6 +362,7 @@ class Acceptor(threading.Thread):
             return
         self._clients.add(client)
         self._per_ip[client.peer_ip] += 1
+        self._per_member[client.member] += 1
         client.member.stats.incr("clients.connects")
         client.member.stats.gauge_add("clients.connected", 1)
 
@@ -473,6 +504,9 @@ class Acceptor(threading.Thread):
         self._per_ip[client.peer_ip] -= 1
         if self._per_ip[client.peer_ip] <= 0:
             del self._per_ip[client.peer_ip]
+        self._per_member[client.member] -= 1
+        if self._per_member[client.member] <= 0:
+            del self._per_member[client.member]
         if client.parked is not None:
             self._forget_parked(client)
         if client.pinned is not None:

@@ -114,7 +114,7 @@ class DataPlane:
         tee = Tee(s.tee_file) if s.tee_file else None
         self.io = ClientIO(Budget(share.part(s.max_buffered_bytes)), s.message_timeout,
                            s.worker_linger, tee, first_id=share.index + 1, id_step=share.count)
-        self.relay = Relay(s, topology, self._handback, on_server_failure=wake,
+        self.relay = Relay(s, topology, self._handback, on_server_failure=self._server_failed,
                            on_state_change=self._state_changed)
         # As many pinned workers as one member's pins can need (each holds a connection).
         self.dispatcher = Dispatcher(s.workers, max(2, min(s.workers, s.max_connections)),
@@ -130,6 +130,13 @@ class DataPlane:
 
     def _handback(self, client: Any, verdict: Any, parked: Any) -> None:
         self.acceptor.handback(client, verdict, parked)
+
+    def _server_failed(self, member: Member) -> None:
+        """A server connection to member failed: discovery looks at it now; with
+        --load-balanced, new clients go to other routers until a check says it is up."""
+        if self.settings.load_balanced:
+            self.topology.suspect(member)
+        self.wake(member)
 
     def _state_changed(self, member: Member, shutting_down: bool) -> None:
         """A relayed reply said member is no longer what clients think (SDAM error)."""
@@ -154,6 +161,22 @@ class DataPlane:
         self.topology.add(member)
         self.acceptor.add_listener(listener, member)
         return member
+
+    def add_balanced_listener(self, listener: socket.socket, name: str) -> None:
+        """One listener for every router (--load-balanced): a new client is bound to the
+        routable router with the fewest clients."""
+        self.acceptor.add_balanced_listener(listener, name, self._routable)
+
+    def _routable(self) -> list[Member]:
+        """The routers a new load-balanced client may be bound to: those up, and not
+        suspect (a connection to it just failed) unless every one is."""
+        up = [m for m in self.topology.members() if m.up]
+        return [m for m in up if not m.suspect] or up
+
+    def close_clients(self, member: Member) -> None:
+        """--load-balanced: a router went down; its clients' connections are closed (after
+        their message in flight) so that drivers open new ones, bound to other routers."""
+        self.acceptor.close_clients(member, "its router is down")
 
     def remove_member(self, member: Member) -> None:
         """Stop accepting for member; its clients finish what is in flight and are closed."""

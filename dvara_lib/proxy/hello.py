@@ -3,6 +3,16 @@
 Drivers hold an awaitable hello per member on a monitoring connection; relaying those
 would pin one server connection per client per member. The proxy answers them itself,
 with every host field naming proxy addresses, and parks awaitable ones (see acceptor).
+
+# design:
+# A mongos router's answer is its own hello (``msg: "isdbgrid"``, no hosts, set name or
+# primary) with the proxy's connectionId and topologyVersion: drivers see a Mongos per
+# router port and a Sharded topology. A router that is down gets no answer: a mongos
+# that is down does not answer, and a driver that cannot run its hello marks the server
+# Unknown and clears its pool (the SDAM spec), so the hello's connection is closed. A
+# down replica-set member is shown as neither primary nor secondary instead. A hello
+# with ``loadBalanced: true`` (a driver in load-balanced mode, --load-balanced) gets the
+# router's ``serviceId`` too.
 """
 
 from __future__ import annotations
@@ -12,6 +22,8 @@ import math
 from typing import TYPE_CHECKING, Any, Optional
 
 from dvara_lib import wire
+
+from dvara_lib.backend.topology import is_router
 
 if TYPE_CHECKING:
     from dvara_lib.backend.topology import Member, Topology
@@ -62,9 +74,10 @@ def wait_seconds(request: dict[str, Any], topology: "Topology", member: "Member"
 def build_answer(topology: "Topology", member: "Member", command: str,
                  request: dict[str, Any], connection_id: int,
                  compressors: list[str]) -> Optional[dict[str, Any]]:
-    """The proxy's reply to one hello/isMaster, or None if the member was never reachable."""
+    """The proxy's reply to one hello/isMaster, or None if the member was never reachable
+    or is a router that is down (the client's connection is then closed)."""
     base = member.answer
-    if base is None:
+    if base is None or (not member.up and is_router(base)):
         return None
     doc = dict(base)
     if not member.up:
@@ -77,6 +90,8 @@ def build_answer(topology: "Topology", member: "Member", command: str,
         doc["helloOk"] = True
     if "compression" in request:
         doc["compression"] = compressors
+    if request.get("loadBalanced") and is_router(base):
+        doc["serviceId"] = member.service_id    # a driver with loadBalanced=true needs it
     doc.pop("ok", None)
     doc["ok"] = 1.0
     return doc

@@ -215,7 +215,7 @@ class Relay:
         conn = self._checkout(client, frame)
         if conn is None:
             member.stats.incr("requests")
-            return Verdict.RESUME
+            return Verdict.CLOSE if client.closing else Verdict.RESUME
         try:
             conn.send(frame)
             reply = conn.read_frame()
@@ -269,8 +269,10 @@ class Relay:
         if "compression" in request:
             client.compressors = hello.negotiate_compression(request)
         wait = hello.wait_seconds(request, self.topology, member)
-        if member.answer is None or member.suspect:
+        if member.suspect or (member.answer is None and not member.checked_at):
             # Never checked yet, or a reply just said it changed: answer after a fresh check.
+            # (Checked but never reachable: closed at once, not held, so that a driver's
+            # first round-trip time once it answers is not the time it was held.)
             wait = FIRST_CHECK_WAIT
         exhaust = wire.opcode(frame) == wire.OP_MSG and bool(
             wire.msg_flags(frame) & wire.EXHAUST_ALLOWED)
@@ -286,7 +288,10 @@ class Relay:
         doc = hello.build_answer(self.topology, member, name, request, client.id,
                                  client.compressors)
         if doc is None:
-            log.info("no hello yet from %s; closing %s", member.real, client)
+            if member.answer is None:
+                log.info("no hello yet from %s; closing %s", member.real, client)
+            else:
+                log.debug("router %s is down; closing %s", member.real, client)
             return Verdict.CLOSE
         member.stats.incr("hello.answered")
         if self.gate is not None:               # saslSupportedMechs, speculative login
@@ -313,7 +318,8 @@ class Relay:
         if conn is None:
             conn = self._checkout(client, frame)
             if conn is None:
-                return Verdict.RESUME if wire.expects_reply(frame) else Verdict.CLOSE
+                return Verdict.RESUME if wire.expects_reply(frame) and not client.closing \
+                    else Verdict.CLOSE
         with conn:
             if not self._send(member, conn, frame):
                 return Verdict.CLOSE
@@ -335,7 +341,8 @@ class Relay:
         return verdict
 
     def _checkout(self, client: ClientConn, frame: bytes) -> Optional["ServerConnection"]:
-        """A server connection, or None after answering the client with an error."""
+        """A server connection, or None after answering the client with an error (or,
+        --load-balanced, marking it to be closed when its server cannot be reached)."""
         member = client.member
         try:
             if not member.up and member.answer is not None:
@@ -351,6 +358,12 @@ class Relay:
             (log.debug if login else log.warning)("cannot connect to %s: %s", member.real, exc)
             if not login:
                 self.on_server_failure(member)
+                if self.settings.load_balanced:
+                    # A driver in load-balanced mode takes a network error (not an error
+                    # reply) as "this router is gone": it drops its connections to it and
+                    # retries on a new one, which dvara binds to a router that is up.
+                    client.closing = True
+                    return None
             self._send_error(client, frame, HOST_UNREACHABLE,
                              f"dvara: cannot reach the server behind {member.proxy}"
                              + (" (dvara cannot log in to it)" if login else ""))
