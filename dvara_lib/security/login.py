@@ -120,6 +120,39 @@ class BackendLogin:
             log.info("logged in to %s as %s again after %d failure(s)", member, self.who, count)
 
 
+class UserLogin:
+    """A client's own login to the servers (--auth-passthrough): the ClientKey recovered
+    when it logged in to dvara, with the verifier it was checked against. In memory
+    only: never written, logged, or shown (not in repr)."""
+
+    __slots__ = ("db", "name", "credential", "_client_key")
+
+    def __init__(self, db: str, name: str, credential: scram.Credential,
+                 client_key: bytes) -> None:
+        self.db = db
+        self.name = name
+        self.credential = credential
+        self._client_key = client_key
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.db, self.name
+
+    def login(self, sock: socket.socket, hello: dict[str, Any], member: str) -> None:
+        """Log sock in as the user (right after its handshake). Can raise
+        AuthenticationFailure, or ConnectionFailure for a network error."""
+        if hello.get("arbiterOnly"):
+            return
+        client = scram.ScramKeyClient(self.credential, self.name, self._client_key)
+        try:
+            sasl_login(sock, int(hello.get("maxWireVersion", 0)), self.db, client)
+        except scram.ScramError as exc:
+            raise AuthenticationFailure(str(exc)) from exc
+
+    def __repr__(self) -> str:
+        return f"<UserLogin {self.db}.{self.name} {self.credential.mechanism}>"
+
+
 def sasl_login(sock: socket.socket, max_wire: int, source: str, client: "SaslClient") -> None:
     """Log sock in with client's SCRAM conversation (saslStart, saslContinue...). Can
     raise AuthenticationFailure, ScramError, ConnectionFailure."""

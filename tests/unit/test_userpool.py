@@ -130,3 +130,16 @@ def test_not_logged_in_clear_maintain_and_close(connector: Connector):
     with pytest.raises(ConnectionFailure):
         pool.checkout_as(A, "a", 1)
 
+
+def test_passthrough_options_are_off_by_default_and_checked(capsys: pytest.CaptureFixture[str]):
+    from dvara_lib.config import parse_args
+    default = parse_args([], env={})
+    assert (default.auth_passthrough, default.max_user_connections) == (False, 0)
+    for argv, message in ((["--auth-passthrough"], "--auth-passthrough: needs --client-auth-file"),
+                          (["--max-user-connections", "2"], "needs --auth-passthrough")):
+        with pytest.raises(SystemExit):
+            parse_args(argv, env={})
+        assert message in capsys.readouterr().err, argv
+    on = parse_args(["--client-auth-file", "u.json", "--auth-passthrough",
+                     "--max-user-connections", "2"], env={})
+    assert (on.auth_passthrough, on.max_user_connections) == (True, 2)
