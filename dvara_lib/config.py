@@ -100,6 +100,9 @@ class Settings:
     backend_compressors: tuple[str, ...] = ()
     # one listener for all mongos routers, for loadBalanced=true drivers (dvara_lib.process.server)
     load_balanced: bool = False
+    # SCRAM pass-through: server connections logged in as each client's user
+    auth_passthrough: bool = False
+    max_user_connections: int = 0
 
 
 # ---------------------------------------------------------------- value parsers
@@ -461,6 +464,13 @@ _OPTIONS: tuple[_Option, ...] = (
             default_text="none: clients are trusted"),
     _Option("auth-failure-limit", _int_at_least(1), "10", "auth", "N",
             "failed client logins per client IP per minute before its logins are refused"),
+    _Option("auth-passthrough", None, None, "auth", None,
+            "relay each logged-in client over server connections logged in as its own user "
+            "(SCRAM pass-through; needs --client-auth-file made with adduser --from-server)",
+            action="store_true", default_text="false"),
+    _Option("max-user-connections", _int_at_least(0), "0", "auth", "N",
+            "with --auth-passthrough: server connections per member one user may hold "
+            "(0: up to --max-connections)"),
     # TLS: on the listeners, and on server connections
     _Option("tls-mode", _choice("disabled", "allow", "require"), None, "tls", "MODE",
             "TLS for clients: disabled, allow (TLS and plain on one port) or require",
@@ -659,6 +669,10 @@ def _cross_check_security(ns: argparse.Namespace) -> str | None:
          "--backend-tls-ca-file/--backend-tls-cert-file: need --backend-tls"),
         (ns.backend_tls_key_file and not ns.backend_tls_cert_file,
          "--backend-tls-key-file: needs --backend-tls-cert-file"),
+        (ns.auth_passthrough and not ns.client_auth_file,
+         "--auth-passthrough: needs --client-auth-file"),
+        (ns.max_user_connections and not ns.auth_passthrough,
+         "--max-user-connections: needs --auth-passthrough"),
     ]
     return next((message for broken, message in needs if broken), None)
 
@@ -687,6 +701,7 @@ def _to_settings(ns: argparse.Namespace) -> Settings:
     values["tls_require_client_cert"] = bool(ns.tls_require_client_cert)
     values["backend_tls"] = bool(ns.backend_tls)
     values["load_balanced"] = bool(ns.load_balanced)
+    values["auth_passthrough"] = bool(ns.auth_passthrough)
     return Settings(**values)
 
 

@@ -21,9 +21,11 @@ from dvara_lib.security import scram
 from tests.helpers import ROOT, RawClient, Secantus, free_port
 
 
-def secured_secantus(tmp: Path, users: dict[str, str], *extra: str) -> Secantus:
-    """A SecantusDB that requires logins (--auth), with users {name: password} (role root)
-    who can log in with SCRAM-SHA-256 and SCRAM-SHA-1 (SecantusDB's default is SHA-256 only).
+def secured_secantus(tmp: Path, users: dict[str, str], *extra: str,
+                     roles: Optional[dict[str, list[str]]] = None) -> Secantus:
+    """A SecantusDB that requires logins (--auth), with users {name: password} (role root,
+    or roles[name]) who can log in with SCRAM-SHA-256 and SCRAM-SHA-1 (SecantusDB's default
+    is SHA-256 only).
 
     As test-backends.md says: users are made without --auth on a data folder, then the
     server is restarted with --auth on the same folder.
@@ -34,7 +36,8 @@ def secured_secantus(tmp: Path, users: dict[str, str], *extra: str) -> Secantus:
     try:
         with MongoClient(f"mongodb://127.0.0.1:{port}/?directConnection=true") as direct:
             for name, password in users.items():
-                direct.admin.command("createUser", name, pwd=password, roles=["root"],
+                direct.admin.command("createUser", name, pwd=password,
+                                     roles=(roles or {}).get(name, ["root"]),
                                      mechanisms=list(scram.MECHANISMS))
     finally:
         first.stop()

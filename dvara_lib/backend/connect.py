@@ -20,7 +20,7 @@ from dvara_lib import wire
 from dvara_lib.address import format_address
 from dvara_lib.backend.pool import Compressed
 from dvara_lib.errors import ConnectionFailure, ProtocolError
-from dvara_lib.security.login import BackendLogin
+from dvara_lib.security.login import BackendLogin, UserLogin
 from dvara_lib.security.tls import backend_context_or_none
 
 if TYPE_CHECKING:
@@ -121,12 +121,23 @@ class Backend:
         the login is refused or backed off)."""
         if self.login is not None:
             self.login.check_backoff(member.real)   # no new connection while logins fail
+        return self._open_pooled(member, timeout, self.login)
+
+    def open_pooled_as(self, member: "Member", timeout: float,
+                       login: Optional[UserLogin]) -> Union[socket.socket, Compressed]:
+        """open_pooled, logged in as a client's own user (--auth-passthrough), or not
+        at all with login None. Can raise ConnectionFailure (AuthenticationFailure)."""
+        return self._open_pooled(member, timeout, login)
+
+    def _open_pooled(self, member: "Member", timeout: float,
+                     login: Optional[Union[BackendLogin, UserLogin]]
+                     ) -> Union[socket.socket, Compressed]:
         sock = self.connect(member.address, min(timeout, _CONNECT_TIMEOUT))
         try:
             hello = run_hello(sock, hello_request(member.max_wire_version, True,
                                                   self.app_version, self.compressors))
-            if self.login is not None:
-                self.login.login(sock, hello, member.real)
+            if login is not None:
+                login.login(sock, hello, member.real)
             wire.set_io_timeout(sock, timeout)
         except (ConnectionFailure, ProtocolError, OSError) as exc:
             sock.close()

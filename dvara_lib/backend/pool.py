@@ -54,7 +54,7 @@ class ServerConnection:
     """One socket to a server, owned by the pool or by exactly one worker at a time."""
 
     __slots__ = ("sock", "generation", "id", "created", "last_checkin", "checked_out_at",
-                 "closed", "pool", "spoiled", "pinned", "rest")
+                 "closed", "pool", "spoiled", "pinned", "rest", "user")
 
     def __init__(self, sock: socket.socket, generation: int,
                  pool: Optional["Pool"] = None, conn_id: int = 0) -> None:
@@ -67,6 +67,7 @@ class ServerConnection:
         self.spoiled = False    # may hold unread bytes or failed: never reused
         self.pinned = False     # handed to a client's pin: the pin checks it in
         self.rest = b""         # bytes read past the last message (an exhaust stream's next)
+        self.user: Any = None   # logged in as (--auth-passthrough: dvara_lib.backend.userpool)
 
     def __enter__(self) -> "ServerConnection":
         return self
@@ -227,15 +228,22 @@ class Pool:
                 if self._total < self.max_size:
                     self._total += 1
                     return None
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or not self._wait(remaining):
-                    if not self._idle and self._total >= self.max_size:
-                        self.stats.checkout_timeout()
-                        raise PoolTimeout(
-                            f"timed out waiting for a connection to {self.name} "
-                            f"({self.max_size} in use)")
+                self._wait_or_time_out(deadline)
         finally:
             self._waiting -= 1
+
+    def _wait_or_time_out(self, deadline: float) -> None:
+        """Under the lock: wait for a checkin (or change) until deadline; raise
+        PoolTimeout once it passed with the pool still full."""
+        remaining = deadline - time.monotonic()
+        if (remaining <= 0 or not self._wait(remaining)) and self._still_full():
+            self.stats.checkout_timeout()
+            raise PoolTimeout(f"timed out waiting for a connection to {self.name} "
+                              f"({self.max_size} in use)")
+
+    def _still_full(self) -> bool:
+        """Under the lock, after a wait timed out: no room came just then."""
+        return not self._idle and self._total >= self.max_size
 
     def _wait(self, timeout: float) -> bool:
         """Under the lock: let it go until a checkin (or change) wakes this thread, or
@@ -290,7 +298,7 @@ class Pool:
                 conn.last_checkin = now
                 self._idle.append(conn)
             else:
-                self._total -= 1
+                self._forget_conn(conn)
             self._notify()
         try:
             if count_held:
@@ -298,6 +306,10 @@ class Pool:
         finally:
             if not keep:
                 self._discard(conn)
+
+    def _forget_conn(self, conn: ServerConnection) -> None:
+        """Under the lock: conn (checked in, not kept) no longer counts."""
+        self._total -= 1
 
     def _discard(self, conn: ServerConnection) -> None:
         conn.close()

@@ -67,6 +67,8 @@ def status_document(settings: "Settings", started: float, topology: Optional["To
             "clients": mine.get("clients", 0),
             "counters": totals.get(m.real, {}),
         })
+        if "users" in mine:                     # --auth-passthrough: pools per user
+            members[-1]["pool"]["users"] = mine["users"]
     return {
         "version": __version__,
         "uptime_s": round(time.time() - started, 1),

@@ -132,7 +132,7 @@ class WorkerSet:
     def status(self) -> dict[str, Any]:
         """The workers' status, added up."""
         clients = {"clients": 0, "busy": 0}
-        members: dict[str, dict[str, int]] = {}
+        members: dict[str, dict[str, Any]] = {}
         workers = []
         for worker in sorted(self._workers.values(), key=lambda w: w.index):
             reply = worker.channel.request({"op": "status"}, _REQUEST_TIMEOUT)
@@ -143,9 +143,7 @@ class WorkerSet:
             for key in clients:
                 clients[key] += reply["clients"][key]
             for real, numbers in reply["members"].items():
-                mine = members.setdefault(real, dict.fromkeys(numbers, 0))
-                for key, value in numbers.items():
-                    mine[key] += value
+                _add_numbers(members.setdefault(real, {}), numbers)
         return {"clients": clients, "members": members, "workers": workers}
 
     def dead_thread(self) -> Optional[str]:
@@ -287,3 +285,13 @@ class WorkerSet:
             self._retired[addr] = merge_states(self._retired[addr], frozen) \
                 if addr in self._retired else frozen
         worker.last_states = []
+
+
+def _add_numbers(total: dict[str, Any], numbers: dict[str, Any]) -> None:
+    """Add one worker's numbers of a member to total (the per-user pools of
+    --auth-passthrough, {user: {open, in_use}}, user by user)."""
+    for key, value in numbers.items():
+        if isinstance(value, dict):
+            _add_numbers(total.setdefault(key, {}), value)
+        else:
+            total[key] = total.get(key, 0) + value

@@ -26,6 +26,7 @@ from dvara_lib.backend.connect import Backend
 from dvara_lib.proxy.dispatch import Dispatcher
 from dvara_lib.observe.metrics import MemberMetrics, Metrics
 from dvara_lib.backend.pool import Pool, PoolStats
+from dvara_lib.backend.userpool import UserPool
 from dvara_lib.proxy.relay import Relay
 from dvara_lib.backend.topology import Member, Topology
 
@@ -58,7 +59,9 @@ class Share:
             settings, max_connections=self.part(settings.max_connections),
             min_idle_connections=self.part(settings.min_idle_connections),
             max_client_connections=self.part(settings.max_client_connections),
-            max_per_client_connections=max(1, self.part(settings.max_per_client_connections)))
+            max_per_client_connections=max(1, self.part(settings.max_per_client_connections)),
+            max_user_connections=settings.max_user_connections and max(
+                1, self.part(settings.max_user_connections)))
 
 
 def pin_to_cpu(setting: "str | tuple[int, ...]", index: int) -> Optional[int]:
@@ -152,8 +155,13 @@ class DataPlane:
         [listener] = listeners
         s = self.settings
         stats = self.metrics.member(real)
-        pool = Pool(real, lambda: self.backend.open_pooled(member, self.settings.message_timeout), s.max_connections,
-                    s.min_idle_connections, s.server_idle_timeout, _PoolMetrics(stats))
+        if s.auth_passthrough:                  # connections logged in per user
+            pool: Pool = UserPool(real, lambda login: self.backend.open_pooled_as(
+                member, self.settings.message_timeout, login), s.max_connections,
+                s.max_user_connections, s.server_idle_timeout, _PoolMetrics(stats))
+        else:
+            pool = Pool(real, lambda: self.backend.open_pooled(member, self.settings.message_timeout), s.max_connections,
+                        s.min_idle_connections, s.server_idle_timeout, _PoolMetrics(stats))
         stats.live_gauge("server.open", lambda: pool.open_count)
         stats.live_gauge("server.in_use", lambda: pool.in_use)
         member = Member(real, proxy, port, pool, stats)
@@ -217,6 +225,9 @@ class DataPlane:
                             "waiting": m.pool.waiting, "max": m.pool.max_size,
                             "clients": per_member.get(m.real, 0)}
                    for m in self.topology.members()}
+        for m in self.topology.members():
+            if isinstance(m.pool, UserPool):    # --auth-passthrough: per user too
+                members[m.real]["users"] = m.pool.users()
         return {"clients": self.acceptor.counts(), "members": members}
 
     def dead_thread(self) -> Optional[str]:

@@ -8,6 +8,10 @@
 # saslStart/saslContinue itself (and the speculativeAuthenticate of a hello, through
 # ``on_hello``) and never relays an authentication command: pooled server connections
 # are logged in as the proxy (dvara_lib.security.login) and shared by every client.
+# With --auth-passthrough the gate keeps the ClientKey a client's proof reveals
+# (``client.auth.login``, in memory only), the relay then takes server connections logged
+# in as that user (dvara_lib.backend.userpool), and the read-only allow-list is off: the
+# servers' roles decide. Such a client is not handed over on a restart (``login_of``).
 # Without --client-auth-file but with --username, a gate still stands, only to refuse
 # client logins that would otherwise reach the shared connections. Failed logins are
 # counted per client IP; past --auth-failure-limit in a minute that IP's logins are
@@ -32,7 +36,8 @@ from dvara_lib.proxy.client import Verdict
 from dvara_lib.proxy.session import ClientAuth
 from dvara_lib.errors import (AUTHENTICATION_FAILED, COMMAND_NOT_FOUND, MECHANISM_UNAVAILABLE,
                               UNAUTHORIZED, error_doc)
-from dvara_lib.security.userfile import UserFile
+from dvara_lib.security.login import UserLogin
+from dvara_lib.security.userfile import User, UserFile
 
 if TYPE_CHECKING:
     from dvara_lib.proxy.client import ClientConn
@@ -70,8 +75,8 @@ def login_of(client: "ClientConn") -> Any:
     state = client.auth
     if state is None or (state.user is None and state.conversation is None):
         return None
-    if state.conversation is not None or state.user is None:
-        return False
+    if state.conversation is not None or state.user is None or state.login is not None:
+        return False                          # a ClientKey never leaves this process
     return [state.user.db, state.user.name]
 
 
@@ -128,16 +133,19 @@ class Gate:
     answer the proxy builds.
     """
 
-    def __init__(self, users: Optional[UserFile], failure_limit: int) -> None:
+    def __init__(self, users: Optional[UserFile], failure_limit: int,
+                 passthrough: bool = False) -> None:
         self.users = users                     # None: the proxy takes no client logins
         self.limiter = FailureLimiter(failure_limit)
+        self.passthrough = passthrough         # keep each client's ClientKey (in memory)
         self._decoy_key = os.urandom(32)
 
     @classmethod
     def from_settings(cls, settings: "Settings") -> Optional["Gate"]:
         """The gate settings ask for, or None. Can raise ConfigError (a bad user file)."""
         if settings.client_auth_file:
-            return cls(UserFile(settings.client_auth_file), settings.auth_failure_limit)
+            return cls(UserFile(settings.client_auth_file), settings.auth_failure_limit,
+                       settings.auth_passthrough)
         if settings.username:
             return cls(None, settings.auth_failure_limit)
         return None
@@ -250,7 +258,8 @@ class Gate:
         client_first = scram.payload_bytes(request.get("payload"))
         user = self.users.get(db, scram.ScramServer.user_of(client_first))
         credential = user.credentials.get(mechanism) if user else None
-        state.conversation = scram.ScramServer(mechanism, credential, self._decoy)
+        state.conversation = scram.ScramServer(mechanism, credential, self._decoy,
+                                               keep_client_key=self.passthrough)
         state.pending = user if credential else None
         options = request.get("options")
         state.skip_empty = isinstance(options, dict) and bool(options.get("skipEmptyExchange"))
@@ -270,6 +279,9 @@ class Gate:
         server_final = conversation.final(payload)
         user = state.pending
         state.user, state.read_only, state.pending = user, user.read_only, None
+        if self.passthrough:                  # mongod decides what the user may do
+            state.read_only = False
+            state.login = _user_login(user, conversation)
         log.debug("%s logged in as %s.%s (%s%s)", client, user.db, user.name,
                   conversation.mechanism, ", speculative" if state.speculative else "")
         if state.skip_empty:
@@ -304,6 +316,14 @@ class Gate:
 
 
 # -- helpers --------------------------------------------------------------------------
+
+def _user_login(user: User, conversation: scram.ScramServer) -> UserLogin:
+    """The user's own server login from the conversation that just succeeded; the
+    conversation lets go of the ClientKey."""
+    key, conversation.client_key = conversation.client_key, None
+    assert key is not None and conversation.credential is not None
+    return UserLogin(user.db, user.name, conversation.credential, key)
+
 
 def _may_read(op: int, name: Optional[str], frame: bytes) -> bool:
     """Whether a read-only user may send this message."""

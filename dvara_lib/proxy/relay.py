@@ -32,7 +32,8 @@ from dvara_lib.proxy import hello
 from dvara_lib.proxy import legacy
 from dvara_lib.proxy.client import ClientConn, Fill, ParkedHello, Verdict
 from dvara_lib.proxy.message import PASS, Message, Outcome, Step
-from dvara_lib.errors import (EXCEEDED_TIME_LIMIT, HOST_UNREACHABLE, AuthenticationFailure,
+from dvara_lib.errors import (AUTHENTICATION_FAILED, EXCEEDED_TIME_LIMIT, HOST_UNREACHABLE,
+                              AuthenticationFailure,
                               ConnectionFailure, PoolTimeout, ProtocolError, ServerTimeout,
                               error_doc)
 
@@ -93,6 +94,7 @@ class Relay:
         self.on_state_change = on_state_change
         self.legacy = legacy.Legacy(settings.get_last_error_timeout)
         self.gate = Gate.from_settings(settings)   # client logins, or None
+        self.passthrough = settings.auth_passthrough   # member pools are UserPools
         gate_step: list[Step] = [] if self.gate is None else [self.gate.check]
         self._steps: list[Step] = [*gate_step, self.legacy.handle, self._hello_step]
         self.others_waiting: Callable[[], bool] = lambda: True
@@ -314,9 +316,13 @@ class Relay:
         member = client.member
         start = time.monotonic()
         conn = self.legacy.take_pin(client)
+        if conn is not None and self.passthrough and conn.user != _user_key(client):
+            client.member.pool.checkin(conn, False)    # logged in as another user since
+            conn = None
         was_pinned = conn is not None
         if conn is None:
-            conn = self._checkout(client, frame)
+            conn = self._checkout_as(client, frame) if self.passthrough \
+                else self._checkout(client, frame)
             if conn is None:
                 return Verdict.RESUME if wire.expects_reply(frame) and not client.closing \
                     else Verdict.CLOSE
@@ -348,26 +354,60 @@ class Relay:
             if not member.up and member.answer is not None:
                 raise ConnectionFailure(f"{member.real} is down (last check failed)")
             return member.pool.checkout(self.settings.pool_wait_timeout)
-        except PoolTimeout as exc:
+        except (PoolTimeout, ConnectionFailure) as exc:
+            self._checkout_failed(client, frame, exc)
+        return None
+
+    def _checkout_as(self, client: ClientConn, frame: bytes) -> Optional["ServerConnection"]:
+        """--auth-passthrough: a server connection logged in as the client's own user
+        (not logged in before its login), or None after answering the client with an
+        error. A refused login clears the user's connections and logs the client out."""
+        member = client.member
+        login = client.auth.login if client.auth is not None else None
+        key = _user_key(client)
+        try:
+            if not member.up and member.answer is not None:
+                raise ConnectionFailure(f"{member.real} is down (last check failed)")
+            return member.pool.checkout_as(key, login, self.settings.pool_wait_timeout)
+        except AuthenticationFailure as exc:
+            if login is None:
+                self._checkout_failed(client, frame, exc)
+                return None
+            member.pool.clear_user(key)
+            client.auth = None                # its ClientKey is of no use any more
+            log.warning("%s refused the login as %s.%s (%s); logged %s out", member.real,
+                        login.db, login.name, exc, client)
+            self._send_error(client, frame, AUTHENTICATION_FAILED,
+                             f"dvara: the server behind {member.proxy} refused the login as "
+                             f"{login.db}.{login.name} (has its password changed?); log in "
+                             "again")
+        except (PoolTimeout, ConnectionFailure) as exc:
+            self._checkout_failed(client, frame, exc)
+        return None
+
+    def _checkout_failed(self, client: ClientConn, frame: bytes,
+                         exc: Union[PoolTimeout, ConnectionFailure]) -> None:
+        """Answer the client whose checkout failed (PoolTimeout, ConnectionFailure)."""
+        member = client.member
+        if isinstance(exc, PoolTimeout):
             member.stats.incr("errors.timeout")
             self._send_error(client, frame, EXCEEDED_TIME_LIMIT, f"dvara: {exc}")
-        except ConnectionFailure as exc:
-            member.stats.incr("errors.proxy")
-            # A refused login is no dead member; dvara_lib.security.login logs it, spaced out.
-            login = isinstance(exc, AuthenticationFailure)
-            (log.debug if login else log.warning)("cannot connect to %s: %s", member.real, exc)
-            if not login:
-                self.on_server_failure(member)
-                if self.settings.load_balanced:
-                    # A driver in load-balanced mode takes a network error (not an error
-                    # reply) as "this router is gone": it drops its connections to it and
-                    # retries on a new one, which dvara binds to a router that is up.
-                    client.closing = True
-                    return None
-            self._send_error(client, frame, HOST_UNREACHABLE,
-                             f"dvara: cannot reach the server behind {member.proxy}"
-                             + (" (dvara cannot log in to it)" if login else ""))
-        return None
+            return
+        member.stats.incr("errors.proxy")
+        # A refused login is no dead member; dvara_lib.security.login logs it, spaced out.
+        login = isinstance(exc, AuthenticationFailure)
+        (log.debug if login else log.warning)("cannot connect to %s: %s", member.real, exc)
+        if not login:
+            self.on_server_failure(member)
+            if self.settings.load_balanced:
+                # A driver in load-balanced mode takes a network error (not an error
+                # reply) as "this router is gone": it drops its connections to it and
+                # retries on a new one, which dvara binds to a router that is up.
+                client.closing = True
+                return
+        self._send_error(client, frame, HOST_UNREACHABLE,
+                         f"dvara: cannot reach the server behind {member.proxy}"
+                         + (" (dvara cannot log in to it)" if login else ""))
 
     def _send(self, member: "Member", conn: "ServerConnection", frame: bytes) -> bool:
         try:
@@ -481,6 +521,12 @@ class Relay:
                                       flags=wire.REPLY_QUERY_FAILURE))
         else:
             client.send(wire.reply_like(frame, doc))
+
+
+def _user_key(client: ClientConn) -> Optional[tuple[str, str]]:
+    """The user a client's requests go to the servers as (--auth-passthrough)."""
+    login = client.auth.login if client.auth is not None else None
+    return None if login is None else login.key
 
 
 def _streams(reply: bytes) -> bool:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from dvara_lib import wire
+from dvara_lib.security.login import UserLogin
 from dvara_lib.security.scram import ScramServer
 from dvara_lib.security.userfile import User
 
@@ -22,7 +23,7 @@ class ClientAuth:
     """One client's login state (``client.auth``)."""
 
     __slots__ = ("user", "read_only", "conversation", "pending", "skip_empty", "as_text",
-                 "speculative")
+                 "speculative", "login")
 
     def __init__(self) -> None:
         self.user: Optional[User] = None       # logged in as
@@ -32,6 +33,7 @@ class ClientAuth:
         self.skip_empty = False
         self.as_text = False                   # the client sends base64 strings
         self.speculative = False               # the conversation began inside hello
+        self.login: Optional[UserLogin] = None  # --auth-passthrough: its own server login
 
 
 class LastError:

@@ -16,12 +16,13 @@ import logging
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 from bson.binary import Binary
 
 from dvara_lib import wire
-from dvara_lib.errors import AuthenticationFailure, ConfigError
+from dvara_lib.address import format_address
+from dvara_lib.errors import AuthenticationFailure, ConfigError, ConnectionFailure
 from dvara_lib.security import scram
 
 if TYPE_CHECKING:
@@ -31,6 +32,7 @@ log = logging.getLogger("dvara.auth")
 
 _BACKOFF_FIRST, _BACKOFF_MAX = 0.5, 30.0
 _MAX_SASL_STEPS = 5
+SaslClient = Union[scram.ScramClient, scram.ScramKeyClient]
 
 
 class BackendLogin:
@@ -96,32 +98,7 @@ class BackendLogin:
 
     def _converse(self, sock: socket.socket, max_wire: int) -> None:
         client = scram.ScramClient(self.mechanism, self.username, self._password)
-        reply = self._command(sock, max_wire, {
-            "saslStart": 1, "mechanism": self.mechanism, "payload": Binary(client.first()),
-            "autoAuthorize": 1, "options": {"skipEmptyExchange": True}})
-        conversation = reply.get("conversationId")
-        final = client.final(scram.payload_bytes(reply.get("payload")))
-        reply = self._command(sock, max_wire, {"saslContinue": 1, "conversationId": conversation,
-                                               "payload": Binary(final)})
-        client.verify(scram.payload_bytes(reply.get("payload")))
-        for _ in range(_MAX_SASL_STEPS):
-            if reply.get("done"):
-                return
-            reply = self._command(sock, max_wire, {"saslContinue": 1, "payload": Binary(b""),
-                                                   "conversationId": conversation})
-        raise AuthenticationFailure("the server never ended the SASL conversation")
-
-    def _command(self, sock: socket.socket, max_wire: int, doc: dict[str, Any]) -> dict[str, Any]:
-        """Run one authentication command. Can raise AuthenticationFailure, ConnectionFailure."""
-        if max_wire >= wire.OP_MSG_WIRE_VERSION:
-            request = wire.op_msg({**doc, "$db": self.source})
-        else:
-            request = wire.op_query(f"{self.source}.$cmd", doc)
-        reply = wire.round_trip(sock, request)
-        if not reply.get("ok"):
-            raise AuthenticationFailure(
-                f"{reply.get('errmsg', 'refused')} (code {reply.get('code', '?')})")
-        return reply
+        sasl_login(sock, max_wire, self.source, client)
 
     def _failed(self, member: str, why: str) -> None:
         with self._lock:
@@ -141,6 +118,94 @@ class BackendLogin:
             with self._lock:
                 count = self._failures.pop(member, (0,))[0]
             log.info("logged in to %s as %s again after %d failure(s)", member, self.who, count)
+
+
+class UserLogin:
+    """A client's own login to the servers (--auth-passthrough): the ClientKey recovered
+    when it logged in to dvara, with the verifier it was checked against. In memory
+    only: never written, logged, or shown (not in repr)."""
+
+    __slots__ = ("db", "name", "credential", "_client_key")
+
+    def __init__(self, db: str, name: str, credential: scram.Credential,
+                 client_key: bytes) -> None:
+        self.db = db
+        self.name = name
+        self.credential = credential
+        self._client_key = client_key
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.db, self.name
+
+    def login(self, sock: socket.socket, hello: dict[str, Any], member: str) -> None:
+        """Log sock in as the user (right after its handshake). Can raise
+        AuthenticationFailure, or ConnectionFailure for a network error."""
+        if hello.get("arbiterOnly"):
+            return
+        client = scram.ScramKeyClient(self.credential, self.name, self._client_key)
+        try:
+            sasl_login(sock, int(hello.get("maxWireVersion", 0)), self.db, client)
+        except scram.ScramError as exc:
+            raise AuthenticationFailure(str(exc)) from exc
+
+    def __repr__(self) -> str:
+        return f"<UserLogin {self.db}.{self.name} {self.credential.mechanism}>"
+
+
+def sasl_login(sock: socket.socket, max_wire: int, source: str, client: "SaslClient") -> None:
+    """Log sock in with client's SCRAM conversation (saslStart, saslContinue...). Can
+    raise AuthenticationFailure, ScramError, ConnectionFailure."""
+    mechanism = client.mechanism
+    reply = _auth_command(sock, max_wire, source, {
+        "saslStart": 1, "mechanism": mechanism, "payload": Binary(client.first()),
+        "autoAuthorize": 1, "options": {"skipEmptyExchange": True}})
+    conversation = reply.get("conversationId")
+    final = client.final(scram.payload_bytes(reply.get("payload")))
+    reply = _auth_command(sock, max_wire, source, {"saslContinue": 1, "payload": Binary(final),
+                                                   "conversationId": conversation})
+    client.verify(scram.payload_bytes(reply.get("payload")))
+    for _ in range(_MAX_SASL_STEPS):
+        if reply.get("done"):
+            return
+        reply = _auth_command(sock, max_wire, source, {"saslContinue": 1, "payload": Binary(b""),
+                                                       "conversationId": conversation})
+    raise AuthenticationFailure("the server never ended the SASL conversation")
+
+
+def _auth_command(sock: socket.socket, max_wire: int, source: str,
+                  doc: dict[str, Any]) -> dict[str, Any]:
+    """Run one authentication command. Can raise AuthenticationFailure, ConnectionFailure."""
+    if max_wire >= wire.OP_MSG_WIRE_VERSION:
+        request = wire.op_msg({**doc, "$db": source})
+    else:
+        request = wire.op_query(f"{source}.$cmd", doc)
+    reply = wire.round_trip(sock, request)
+    if not reply.get("ok"):
+        raise AuthenticationFailure(
+            f"{reply.get('errmsg', 'refused')} (code {reply.get('code', '?')})")
+    return reply
+
+
+def credential_from_server(address: tuple[str, int], username: str, password: str,
+                           source: str, mechanism: str, timeout: float = 10.0
+                           ) -> scram.Credential:
+    """The verifier of username/password that matches the server's: a login to the server
+    at address (plain TCP) learns its salt and iteration count, and proves the password
+    right. Can raise AuthenticationFailure, ScramError, ConnectionFailure."""
+    try:
+        sock = socket.create_connection(address, timeout=timeout)
+    except OSError as exc:
+        raise ConnectionFailure(f"cannot connect to {format_address(*address)}: "
+                                f"{exc}") from exc
+    try:
+        hello = wire.round_trip(sock, wire.op_query("admin.$cmd", {"isMaster": 1}))
+        client = scram.ScramClient(mechanism, username, password)
+        sasl_login(sock, int(hello.get("maxWireVersion", 0)), source, client)
+    finally:
+        sock.close()
+    salt, iterations = client.server_salt
+    return scram.make_credential(mechanism, username, password, iterations, salt)
 
 
 def backend_password(settings: "Settings") -> str:

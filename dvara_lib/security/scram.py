@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -48,6 +49,7 @@ MIN_ITERATIONS = 4096
 DEFAULT_ITERATIONS = {SHA256: 15000, SHA1: 10000}
 _SALT_SIZE = {SHA256: 28, SHA1: 16}          # what mongod uses
 _DIGEST_SIZE = {SHA256: 32, SHA1: 20}
+_HASHES = {SHA256: "sha256", SHA1: "sha1"}
 _GS2_HEADERS = ("n,,", "y,,")
 _FAILED = "authentication failed"
 _MISMATCH = "client-final does not match this conversation"
@@ -199,6 +201,12 @@ class ScramClient:
         except scramp.ScramException as exc:
             raise ScramError(f"bad server-first message: {exc.args[0]}") from exc
 
+    @property
+    def server_salt(self) -> tuple[bytes, int]:
+        """The salt and iteration count the server-first message announced (after
+        final()): what a verifier must use to match the server's."""
+        return bytes(self._scram.salt), int(self._scram.iterations)
+
     def verify(self, server_final: bytes) -> None:
         """Check the server proved it knows the password. Can raise ScramError."""
         text = _text(server_final)
@@ -214,6 +222,94 @@ class ScramClient:
         return f"<ScramClient {self.mechanism} {self.username}>"
 
 
+class ScramKeyClient:
+    """A client conversation that logs in with a user's ClientKey and ServerKey instead
+    of a password (SCRAM pass-through): the same steps as ScramClient. The server's salt
+    and iteration count must be the credential's (else the keys cannot match). The
+    keys are never logged and not in repr."""
+
+    def __init__(self, credential: Credential, username: str, client_key: bytes,
+                 nonce: Optional[str] = None) -> None:
+        self.mechanism = check_mechanism(credential.mechanism)
+        self.username = username
+        self._credential = credential
+        self._client_key = client_key
+        self._nonce = nonce or b64(os.urandom(24))
+        name = username.replace("=", "=3D").replace(",", "=2C")
+        self._first_bare = f"n={name},r={self._nonce}"
+        self._server_signature = b""
+
+    def first(self) -> bytes:
+        return f"n,,{self._first_bare}".encode("utf-8")
+
+    def final(self, server_first: bytes) -> bytes:
+        """The client-final message (with the proof). Can raise ScramError."""
+        text = _text(server_first)
+        nonce, salt, iterations = _parse_server_first(text, self._nonce)
+        c = self._credential
+        if (salt, iterations) != (c.salt, c.iterations):
+            raise ScramError(f"the server's {self.mechanism} verifier for {self.username!r} "
+                             "differs from dvara's (salt or iteration count): add the user "
+                             "again with dvara adduser --from-server")
+        without_proof = f"c=biws,r={nonce}"
+        message = f"{self._first_bare},{text},{without_proof}".encode("utf-8")
+        signature = _hmac(self.mechanism, c.stored_key, message)
+        proof = bytes(a ^ b for a, b in zip(self._client_key, signature))
+        self._server_signature = _hmac(self.mechanism, c.server_key, message)
+        return f"{without_proof},p={b64(proof)}".encode("utf-8")
+
+    def verify(self, server_final: bytes) -> None:
+        """Check the server holds the user's ServerKey. Can raise ScramError."""
+        text = _text(server_final)
+        if text.startswith("e="):
+            raise ScramError(f"server refused the login: {text[2:]}")
+        fields = dict(f.split("=", 1) for f in text.split(",") if "=" in f)
+        signature = unb64(fields.get("v", ""))
+        if not self._server_signature or not hmac.compare_digest(signature,
+                                                                 self._server_signature):
+            raise ScramError("the server's signature is wrong: it does not hold the "
+                             "user's key")
+
+    def __repr__(self) -> str:
+        return f"<ScramKeyClient {self.mechanism} {self.username}>"
+
+
+def _parse_server_first(text: str, client_nonce: str) -> tuple[str, bytes, int]:
+    """The nonce, salt and iteration count of a server-first message. Can raise
+    ScramError."""
+    if text.startswith("e="):
+        raise ScramError(f"server refused the login: {text[2:]}")
+    fields = dict(f.split("=", 1) for f in text.split(",") if "=" in f)
+    try:
+        nonce, salt, iterations = fields["r"], unb64(fields["s"]), int(fields["i"])
+    except (KeyError, ValueError) as exc:
+        raise ScramError("bad server-first message") from exc
+    if not nonce.startswith(client_nonce) or len(nonce) <= len(client_nonce):
+        raise ScramError("bad server-first message: the nonce is not this conversation's")
+    if iterations < MIN_ITERATIONS:
+        raise ScramError(f"bad server-first message: iterations below {MIN_ITERATIONS}")
+    return nonce, salt, iterations
+
+
+def _hmac(mechanism: str, key: bytes, message: bytes) -> bytes:
+    return hmac.new(key, message, _HASHES[mechanism]).digest()
+
+
+def _digest(mechanism: str, data: bytes) -> bytes:
+    return hashlib.new(_HASHES[mechanism], data).digest()
+
+
+def recover_client_key(mechanism: str, stored_key: bytes, auth_message: bytes,
+                       proof: bytes) -> Optional[bytes]:
+    """The ClientKey a client proved it holds (ClientProof XOR HMAC(StoredKey,
+    AuthMessage)), or None if H(ClientKey) is not StoredKey (a wrong password)."""
+    signature = _hmac(mechanism, stored_key, auth_message)
+    if len(proof) != len(signature):
+        return None
+    key = bytes(a ^ b for a, b in zip(proof, signature))
+    return key if hmac.compare_digest(_digest(mechanism, key), stored_key) else None
+
+
 # -- the server side (the proxy checking a client) ---------------------------------------
 
 class ScramServer:
@@ -225,10 +321,12 @@ class ScramServer:
     """
 
     def __init__(self, mechanism: str, credential: Optional[Credential],
-                 decoy: Callable[[str], bytes]) -> None:
+                 decoy: Callable[[str], bytes], keep_client_key: bool = False) -> None:
         self.mechanism = check_mechanism(mechanism)
         self.credential = credential
         self._decoy = decoy
+        self._keep_client_key = keep_client_key
+        self.client_key: Optional[bytes] = None     # after a login, with keep_client_key
         self.username: Optional[str] = None
         self._scram: Any = None
         self.done = False
@@ -273,7 +371,22 @@ class ScramServer:
             raise _error(exc) from exc
         if self.credential is None:           # cannot happen: the decoy keys are random
             raise ScramError(_FAILED)
+        if self._keep_client_key:
+            self.client_key = self._client_key_of(_text(client_final))
         return server_final.encode("utf-8")
+
+    def _client_key_of(self, client_final: str) -> bytes:
+        """The ClientKey of the client whose proof was just accepted. Can raise
+        ScramError."""
+        without_proof, _, proof = client_final.rpartition(",p=")
+        message = ",".join((self._scram.client_first_bare, self._scram.server_first,
+                            without_proof)).encode("utf-8")
+        assert self.credential is not None
+        key = recover_client_key(self.mechanism, self.credential.stored_key, message,
+                                 unb64(proof))
+        if key is None:                       # scramp accepted it: cannot happen
+            raise ScramError(_FAILED)
+        return key
 
 
 def payload_bytes(payload: Any) -> bytes:

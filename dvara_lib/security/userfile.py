@@ -26,8 +26,10 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
+from dvara_lib.address import MONGODB_PORT, parse_option
+from dvara_lib.errors import AuthenticationFailure, ConfigError, DvaraError
 from dvara_lib.security import scram
-from dvara_lib.errors import ConfigError
+from dvara_lib.security.login import credential_from_server
 
 log = logging.getLogger("dvara.auth")
 
@@ -192,10 +194,15 @@ def _parser() -> argparse.ArgumentParser:
                    "(the client's authSource) [default: admin]")
     p.add_argument("--read-only", action="store_true",
                    help="the user may read but not write [default: read-write]")
-    p.add_argument("--mechanisms", default=",".join(scram.MECHANISMS),
-                   help="comma-separated [default: SCRAM-SHA-256,SCRAM-SHA-1]")
+    p.add_argument("--mechanisms", default=None,
+                   help="comma-separated [default: SCRAM-SHA-256,SCRAM-SHA-1; with "
+                        "--from-server, those the server has for the user]")
     p.add_argument("--iterations", type=int, default=None,
                    help="PBKDF2 iterations [default: 15000 for SHA-256, 10000 for SHA-1]")
+    p.add_argument("--from-server", metavar="HOST:PORT", default=None,
+                   help="log in to this server (plain TCP) as the user with the password, "
+                        "and store a verifier with the server's salt and iteration count "
+                        "(what --auth-passthrough needs)")
     return p
 
 
@@ -212,23 +219,54 @@ def read_password(stdin: Any = None) -> str:
 
 
 def adduser_main(argv: Sequence[str]) -> int:
-    """``dvara adduser NAME --client-auth-file FILE [--read-only]``. Returns the exit status."""
+    """``dvara adduser NAME --client-auth-file FILE [--read-only] [--from-server HOST:PORT]``.
+    Returns the exit status."""
     args = _parser().parse_args(list(argv))
     try:
         mechanisms = [scram.check_mechanism(m.strip().upper()) for m in
-                      args.mechanisms.split(",") if m.strip()]
+                      (args.mechanisms or ",".join(scram.MECHANISMS)).split(",") if m.strip()]
+        if args.from_server and args.iterations:
+            raise ConfigError("--iterations: the server's count is used with --from-server")
         password = read_password()
         if not password:
             raise ConfigError("empty password")
         users = load(args.client_auth_file) if os.path.exists(args.client_auth_file) else {}
-        user = make_user(args.name, password, args.db, args.read_only, mechanisms,
-                         args.iterations)
+        if args.from_server:
+            user = user_from_server(args, password, mechanisms)
+        else:
+            user = make_user(args.name, password, args.db, args.read_only, mechanisms,
+                             args.iterations)
         replaced = user.key in users
         users[user.key] = user
         save(args.client_auth_file, users)
-    except (ConfigError, scram.ScramError, OSError) as exc:
+    except (DvaraError, OSError) as exc:
         print(f"dvara adduser: error: {exc}", file=sys.stderr)
         return 2
     print(f"{'replaced' if replaced else 'added'} {'read-only' if args.read_only else 'read-write'}"
-          f" user {args.db}.{args.name} ({', '.join(mechanisms)}) in {args.client_auth_file}")
+          f" user {args.db}.{args.name} ({', '.join(user.mechanisms)}) in {args.client_auth_file}"
+          + (f", matching {args.from_server}" if args.from_server else ""))
     return 0
+
+
+def user_from_server(args: argparse.Namespace, password: str, mechanisms: list[str]) -> User:
+    """The user with verifiers matching the server's (--from-server). Without an explicit
+    --mechanisms a mechanism the server refuses is left out (a note on stderr), as long
+    as one works. Can raise ConfigError, DvaraError (a refused login, a dead server)."""
+    scram.check_user_name(args.name)
+    address = parse_option(args.from_server, "--from-server", MONGODB_PORT)
+    creds: dict[str, scram.Credential] = {}
+    refused: list[str] = []
+    for mechanism in mechanisms:
+        try:
+            creds[mechanism] = credential_from_server(address, args.name, password,
+                                                      args.db, mechanism)
+        except (AuthenticationFailure, scram.ScramError) as exc:
+            if args.mechanisms:
+                raise
+            refused.append(f"{mechanism}: {exc}")
+    if not creds:
+        raise ConfigError(f"{args.from_server} refused every login as {args.db}.{args.name}: "
+                          + "; ".join(refused))
+    for why in refused:
+        print(f"dvara adduser: note: left out {why}", file=sys.stderr)
+    return User(args.name, args.db, args.read_only, creds)

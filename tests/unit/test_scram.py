@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
 import stat
@@ -261,3 +263,90 @@ def test_failure_limiter_counts_per_ip_and_forgets_after_the_window(monkeypatch)
     assert limiter.failed("10.0.0.2") == 1
     assert limiter.failed("10.0.0.3") == 1        # the table stays bounded
     assert len(limiter._counts) <= 2
+
+
+# -- SCRAM pass-through: the ClientKey recovered, the key-based login ---------------------
+
+# RFC 5802's SCRAM-SHA-1 example: keys from the plain password "pencil" (no MongoDB digest).
+RFC5802_VECTOR = (
+    "fyko+d2lbbFgONRv9qkxdawL",
+    b"r=fyko+d2lbbFgONRv9qkxdawL3rfcNHYJY1ZVvWVs7j,s=QSXCR+Q6sek8bf92,i=4096",
+    b"c=biws,r=fyko+d2lbbFgONRv9qkxdawL3rfcNHYJY1ZVvWVs7j,p=v0X8v3Bz2T0CJGbJQyF0X+HI4Ts=",
+    b"v=rmF9pqV8S7suAoZWja4dJRkFsKQ=")
+
+
+def _keys(mechanism: str, password: str, salt: bytes, iterations: int
+          ) -> tuple[bytes, scram.Credential]:
+    """The ClientKey and the stored credential of password, computed by hand (RFC 5802)."""
+    name = {scram.SHA1: "sha1", scram.SHA256: "sha256"}[mechanism]
+    salted = hashlib.pbkdf2_hmac(name, password.encode(), salt, iterations)
+    client_key = hmac.new(salted, b"Client Key", name).digest()
+    server_key = hmac.new(salted, b"Server Key", name).digest()
+    stored_key = hashlib.new(name, client_key).digest()
+    return client_key, scram.Credential(mechanism, salt, iterations, stored_key, server_key)
+
+
+def _vector_keys(mechanism: str, vector: tuple, password: str) -> tuple[bytes, scram.Credential]:
+    fields = dict(f.split("=", 1) for f in vector[1].decode().split(","))
+    return _keys(mechanism, password, scram.unb64(fields["s"]), int(fields["i"]))
+
+
+@pytest.mark.parametrize("mechanism,vector,password", [
+    (scram.SHA1, SHA1_VECTOR, scram.prepared_password(scram.SHA1, "user", "pencil")),
+    (scram.SHA1, RFC5802_VECTOR, "pencil"),
+    (scram.SHA256, SHA256_VECTOR, "pencil")])                        # = RFC 7677's example
+def test_key_client_logs_in_with_keys_as_the_password_would(mechanism, vector, password):
+    nonce, server_first, client_final, server_final = vector
+    client_key, credential = _vector_keys(mechanism, vector, password)
+    client = scram.ScramKeyClient(credential, "user", client_key, nonce=nonce)
+    assert client.first() == f"n,,n=user,r={nonce}".encode()
+    assert client.final(server_first) == client_final
+    client.verify(server_final)
+    with pytest.raises(scram.ScramError, match="signature"):
+        client.verify(b"v=" + scram.b64(b"\0" * len(client_key)).encode())
+    with pytest.raises(scram.ScramError, match="refused"):
+        client.verify(b"e=invalid-proof")
+    assert client_key.hex() not in repr(client) and scram.b64(client_key) not in repr(client)
+
+
+@pytest.mark.parametrize("mechanism,vector", [(scram.SHA1, SHA1_VECTOR),
+                                              (scram.SHA256, SHA256_VECTOR)])
+def test_key_client_refuses_a_server_verifier_that_differs(mechanism, vector):
+    nonce, server_first, _, _ = vector
+    client_key, credential = _vector_keys(mechanism, vector, "pencil")
+    other = scram.Credential(mechanism, credential.salt + b"x", credential.iterations,
+                             credential.stored_key, credential.server_key)
+    with pytest.raises(scram.ScramError, match="differs from dvara's"):
+        scram.ScramKeyClient(other, "user", client_key, nonce=nonce).final(server_first)
+    with pytest.raises(scram.ScramError, match="nonce"):
+        scram.ScramKeyClient(credential, "user", client_key, nonce="zzz").final(server_first)
+
+
+@pytest.mark.parametrize("mechanism", scram.MECHANISMS)
+@pytest.mark.parametrize("name", ["app", "a=b,c"])
+def test_server_recovers_the_client_key_and_the_key_client_logs_in_with_it(mechanism, name):
+    credential = scram.make_credential(mechanism, name, "s3cret", 4096, b"s" * 16)
+    expected, _ = _keys(mechanism, scram.prepared_password(mechanism, name, "s3cret"),
+                        b"s" * 16, 4096)
+    server = scram.ScramServer(mechanism, credential, lambda _: b"d" * 32,
+                               keep_client_key=True)
+    client = scram.ScramClient(mechanism, name, "s3cret")
+    client.verify(server.final(client.final(server.first(client.first()))))
+    assert server.client_key == expected
+    again = scram.ScramServer(mechanism, credential, lambda _: b"d" * 32)
+    key_client = scram.ScramKeyClient(credential, name, server.client_key)
+    key_client.verify(again.final(key_client.final(again.first(key_client.first()))))
+    assert again.client_key is None                   # kept only when asked for
+
+
+def test_recover_client_key_refuses_a_wrong_proof():
+    client_key, credential = _keys(scram.SHA256, "pencil", b"salt" * 4, 4096)
+    message = b"n=user,r=a,r=ab,s=c2FsdA==,i=4096,c=biws,r=ab"
+    proof = bytes(a ^ b for a, b in zip(client_key, hmac.new(
+        credential.stored_key, message, "sha256").digest()))
+    assert scram.recover_client_key(scram.SHA256, credential.stored_key, message,
+                                    proof) == client_key
+    assert scram.recover_client_key(scram.SHA256, credential.stored_key, message + b"x",
+                                    proof) is None
+    assert scram.recover_client_key(scram.SHA256, credential.stored_key, message,
+                                    proof[:-1]) is None
