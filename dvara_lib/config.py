@@ -103,6 +103,9 @@ class Settings:
     # SCRAM pass-through: server connections logged in as each client's user
     auth_passthrough: bool = False
     max_user_connections: int = 0
+    # verifiers of users not in --client-auth-file, looked up on the servers (usersInfo)
+    auth_query: bool = False
+    auth_query_cache: float = 60.0
 
 
 # ---------------------------------------------------------------- value parsers
@@ -466,8 +469,16 @@ _OPTIONS: tuple[_Option, ...] = (
             "failed client logins per client IP per minute before its logins are refused"),
     _Option("auth-passthrough", None, None, "auth", None,
             "relay each logged-in client over server connections logged in as its own user "
-            "(SCRAM pass-through; needs --client-auth-file made with adduser --from-server)",
+            "(SCRAM pass-through; needs --client-auth-file made with adduser --from-server, "
+            "or --auth-query)",
             action="store_true", default_text="false"),
+    _Option("auth-query", None, None, "auth", None,
+            "look users not in --client-auth-file up on the servers (usersInfo with "
+            "showCredentials, as --username; needs --auth-passthrough)",
+            action="store_true", default_text="false"),
+    _Option("auth-query-cache", _duration, "60s", "auth", "DURATION",
+            "with --auth-query: how long a looked-up user's verifier is trusted before it "
+            "is fetched again"),
     _Option("max-user-connections", _int_at_least(0), "0", "auth", "N",
             "with --auth-passthrough: server connections per member one user may hold "
             "(0: up to --max-connections)"),
@@ -669,8 +680,13 @@ def _cross_check_security(ns: argparse.Namespace) -> str | None:
          "--backend-tls-ca-file/--backend-tls-cert-file: need --backend-tls"),
         (ns.backend_tls_key_file and not ns.backend_tls_cert_file,
          "--backend-tls-key-file: needs --backend-tls-cert-file"),
-        (ns.auth_passthrough and not ns.client_auth_file,
-         "--auth-passthrough: needs --client-auth-file"),
+        (ns.auth_passthrough and not (ns.client_auth_file or ns.auth_query),
+         "--auth-passthrough: needs --client-auth-file or --auth-query"),
+        (ns.auth_query and not ns.username,
+         "--auth-query: needs --username (the account that looks users up)"),
+        (ns.auth_query and not ns.auth_passthrough,
+         "--auth-query: needs --auth-passthrough (the servers' roles then decide what "
+         "each user may do)"),
         (ns.max_user_connections and not ns.auth_passthrough,
          "--max-user-connections: needs --auth-passthrough"),
     ]
@@ -702,6 +718,7 @@ def _to_settings(ns: argparse.Namespace) -> Settings:
     values["backend_tls"] = bool(ns.backend_tls)
     values["load_balanced"] = bool(ns.load_balanced)
     values["auth_passthrough"] = bool(ns.auth_passthrough)
+    values["auth_query"] = bool(ns.auth_query)
     return Settings(**values)
 
 

@@ -27,6 +27,10 @@ class AuthenticationFailure(ConnectionFailure):
     """The proxy could not log in to a server with its own account (--username)."""
 
 
+class AuthQueryFailure(DvaraError):
+    """--auth-query could not look a user up on the servers (unreachable, refused)."""
+
+
 class PoolTimeout(DvaraError):
     """No server connection could be checked out within --pool-wait-timeout."""
 

@@ -152,6 +152,28 @@ class Backend:
             return sock
         return Compressed(sock, compressor)
 
+    def command_as_proxy(self, member: "Member", doc: dict[str, Any], db: str,
+                         timeout: float) -> dict[str, Any]:
+        """Run one command (e.g. --auth-query's usersInfo) in db on a short-lived
+        connection to member logged in as the proxy's account; every step is bounded by
+        timeout. Returns the reply document. Can raise ConnectionFailure
+        (AuthenticationFailure: the proxy's login was refused or is backed off)."""
+        if self.login is not None:
+            self.login.check_backoff(member.real)
+        sock = self.connect(member.address, min(timeout, _CONNECT_TIMEOUT))
+        try:
+            hello = run_hello(sock, hello_request(0, True, self.app_version))
+            if self.login is not None:
+                self.login.login(sock, hello, member.real)
+            wire.set_io_timeout(sock, timeout)
+            if int(hello.get("maxWireVersion", 0)) >= wire.OP_MSG_WIRE_VERSION:
+                return wire.round_trip(sock, wire.op_msg({**doc, "$db": db}))
+            return wire.round_trip(sock, wire.op_query(f"{db}.$cmd", doc))
+        except (ProtocolError, OSError) as exc:
+            raise ConnectionFailure(f"command on {member.real} failed: {exc}") from exc
+        finally:
+            sock.close()
+
     def open_monitor(self, member: "Member", timeout: float
                      ) -> tuple[socket.socket, dict[str, Any]]:
         """A monitoring connection to member and its first hello; logged in if the

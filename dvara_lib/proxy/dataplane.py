@@ -118,7 +118,7 @@ class DataPlane:
         self.io = ClientIO(Budget(share.part(s.max_buffered_bytes)), s.message_timeout,
                            s.worker_linger, tee, first_id=share.index + 1, id_step=share.count)
         self.relay = Relay(s, topology, self._handback, on_server_failure=self._server_failed,
-                           on_state_change=self._state_changed)
+                           on_state_change=self._state_changed, run_command=self._run_command)
         # As many pinned workers as one member's pins can need (each holds a connection).
         self.dispatcher = Dispatcher(s.workers, max(2, min(s.workers, s.max_connections)),
                                      self.relay.serve, self.relay.serve_parked)
@@ -133,6 +133,10 @@ class DataPlane:
 
     def _handback(self, client: Any, verdict: Any, parked: Any) -> None:
         self.acceptor.handback(client, verdict, parked)
+
+    def _run_command(self, member: Member, doc: dict[str, Any], db: str) -> dict[str, Any]:
+        """A command as the proxy's account (--auth-query's user lookups)."""
+        return self.backend.command_as_proxy(member, doc, db, self.settings.message_timeout)
 
     def _server_failed(self, member: Member) -> None:
         """A server connection to member failed: discovery looks at it now; with

@@ -12,6 +12,11 @@
 # (``client.auth.login``, in memory only), the relay then takes server connections logged
 # in as that user (dvara_lib.backend.userpool), and the read-only allow-list is off: the
 # servers' roles decide. Such a client is not handed over on a restart (``login_of``).
+# With --auth-query (which needs --auth-passthrough) a user the file lacks is looked up
+# on the servers (dvara_lib.security.authquery, cached for --auth-query-cache) in the
+# worker thread serving the saslStart, through the client's member; a lookup that fails
+# answers AuthenticationFailed with a reason, an unknown user gets the decoy
+# conversation; a changed verifier clears that user's server connections everywhere.
 # Without --client-auth-file but with --username, a gate still stands, only to refuse
 # client logins that would otherwise reach the shared connections. Failed logins are
 # counted per client IP; past --auth-failure-limit in a minute that IP's logins are
@@ -26,7 +31,7 @@ import logging
 import os
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from bson.binary import Binary
 
@@ -35,17 +40,21 @@ from dvara_lib.security import scram
 from dvara_lib.proxy.client import Verdict
 from dvara_lib.proxy.session import ClientAuth
 from dvara_lib.errors import (AUTHENTICATION_FAILED, COMMAND_NOT_FOUND, MECHANISM_UNAVAILABLE,
-                              UNAUTHORIZED, error_doc)
+                              UNAUTHORIZED, AuthQueryFailure, error_doc)
+from dvara_lib.security.authquery import Key, VerifierCache, users_info_command
 from dvara_lib.security.login import UserLogin
 from dvara_lib.security.userfile import User, UserFile
 
 if TYPE_CHECKING:
+    from dvara_lib.backend.topology import Member
     from dvara_lib.proxy.client import ClientConn
     from dvara_lib.proxy.message import Message
     from dvara_lib.config import Settings
 
 log = logging.getLogger("dvara.gate")
 
+#: Runs a command (in a database) on a member as the proxy's account; returns the reply.
+RunCommand = Callable[["Member", dict[str, Any], str], dict[str, Any]]
 
 
 #: Commands the gate always answers itself; none is ever relayed.
@@ -134,21 +143,41 @@ class Gate:
     """
 
     def __init__(self, users: Optional[UserFile], failure_limit: int,
-                 passthrough: bool = False) -> None:
-        self.users = users                     # None: the proxy takes no client logins
+                 passthrough: bool = False, query: Optional[VerifierCache] = None,
+                 run_command: Optional[RunCommand] = None) -> None:
+        self.users = users                     # the --client-auth-file, or None
         self.limiter = FailureLimiter(failure_limit)
         self.passthrough = passthrough         # keep each client's ClientKey (in memory)
+        self.query = query                     # --auth-query, with run_command
+        self.run_command = run_command
+        self.takes_logins = users is not None or query is not None
         self._decoy_key = os.urandom(32)
 
     @classmethod
-    def from_settings(cls, settings: "Settings") -> Optional["Gate"]:
-        """The gate settings ask for, or None. Can raise ConfigError (a bad user file)."""
-        if settings.client_auth_file:
-            return cls(UserFile(settings.client_auth_file), settings.auth_failure_limit,
-                       settings.auth_passthrough)
+    def from_settings(cls, settings: "Settings", run_command: Optional[RunCommand] = None,
+                      on_change: Callable[[Key], None] = lambda key: None
+                      ) -> Optional["Gate"]:
+        """The gate settings ask for, or None. Can raise ConfigError (a bad user file).
+        run_command and on_change serve --auth-query (see VerifierCache)."""
+        users = UserFile(settings.client_auth_file) if settings.client_auth_file else None
+        query = None
+        if settings.auth_query and run_command is not None:
+            query = VerifierCache(settings.auth_query_cache, on_change)
+        if users is not None or query is not None:
+            return cls(users, settings.auth_failure_limit, settings.auth_passthrough,
+                       query, run_command)
         if settings.username:
             return cls(None, settings.auth_failure_limit)
         return None
+
+    def _user(self, client: "ClientConn", db: str, name: str) -> Optional[User]:
+        """The user of the file, else (--auth-query) as the servers hold it; None if
+        unknown. Can raise AuthQueryFailure."""
+        user = self.users.get(db, name) if self.users is not None else None
+        if user is not None or self.query is None or self.run_command is None:
+            return user
+        run, member = self.run_command, client.member
+        return self.query.get(db, name, lambda: run(member, users_info_command(db, name), db))
 
     # -- every message -------------------------------------------------------------------
     def check(self, client: "ClientConn", msg: "Message") -> Optional[Verdict]:
@@ -158,7 +187,7 @@ class Gate:
         frame, op, name, compressor = msg.frame, msg.op, msg.name, msg.compressor
         if name in AUTH_COMMANDS:
             return self._auth_command(client, frame, name, compressor)
-        if self.users is None:
+        if not self.takes_logins:
             return None
         state = client.auth
         if state is None or state.user is None:
@@ -166,6 +195,14 @@ class Gate:
                 return None
             return self._refuse(client, frame, op, name, compressor,
                                 f"command {name or _op_name(op)} requires authentication")
+        if state.login is not None and self.query is not None \
+                and not self.query.is_current(state.login.key, state.login.credential):
+            client.auth = None                # logged in with a verifier now replaced
+            log.info("logged %s out: the verifier of %s.%s changed on the servers", client,
+                     state.user.db, state.user.name)
+            return self._refuse(client, frame, op, name, compressor, "dvara: the password of "
+                                f"{state.user.db}.{state.user.name} changed on the servers; "
+                                "log in again", AUTHENTICATION_FAILED)
         if state.read_only and not _may_read(op, name, frame):
             return self._refuse(client, frame, op, name, compressor,
                                 f"dvara: user {state.user.db}.{state.user.name} is read-only: "
@@ -173,26 +210,27 @@ class Gate:
         return None
 
     def _refuse(self, client: "ClientConn", frame: bytes, op: int, name: Optional[str],
-                compressor: Optional[int], errmsg: str) -> Verdict:
-        """Answer Unauthorized; a message that expects no reply closes the client."""
+                compressor: Optional[int], errmsg: str, code: int = UNAUTHORIZED) -> Verdict:
+        """Answer Unauthorized (or code); a message that expects no reply closes the
+        client."""
         if not wire.expects_reply(frame):
             log.info("closing %s: %s (the message expects no reply)", client, errmsg)
             return Verdict.CLOSE
         if op == wire.OP_MSG or name is not None:
-            return _reply(client, frame, error_doc(UNAUTHORIZED, errmsg), compressor)
-        reply = wire.op_reply([{"$err": errmsg, "code": UNAUTHORIZED}], wire.request_id(frame),
+            return _reply(client, frame, error_doc(code, errmsg), compressor)
+        reply = wire.op_reply([{"$err": errmsg, "code": code}], wire.request_id(frame),
                               flags=wire.REPLY_QUERY_FAILURE)
         return _send(client, reply, compressor)
 
     # -- hello ---------------------------------------------------------------------------
     def on_hello(self, client: "ClientConn", request: dict[str, Any], doc: dict[str, Any]) -> None:
         """Add saslSupportedMechs and the speculativeAuthenticate reply to a hello answer."""
-        if self.users is None:
+        if not self.takes_logins:
             return
         asked = request.get("saslSupportedMechs")
         if isinstance(asked, str) and "." in asked:
             db, _, name = asked.partition(".")
-            user = self.users.get(db, name)
+            user = self.users.get(db, name) if self.users is not None else None
             doc["saslSupportedMechs"] = user.mechanisms if user else list(scram.MECHANISMS)
         spec = request.get("speculativeAuthenticate")
         if isinstance(spec, dict) and "saslStart" in spec:
@@ -209,7 +247,7 @@ class Gate:
             answer = self._start(client, spec, str(spec.get("db") or "admin"))
             client.auth.speculative = True
             return answer
-        except scram.ScramError:
+        except (scram.ScramError, AuthQueryFailure):
             state = client.auth
             if state is not None:
                 state.conversation = state.pending = None
@@ -223,7 +261,7 @@ class Gate:
             if client.auth is not None:
                 client.auth = None
             return _reply(client, frame, {"ok": 1.0}, compressor)
-        if self.users is None:
+        if not self.takes_logins:
             return _reply(client, frame, error_doc(
                 AUTHENTICATION_FAILED, "dvara takes no client logins here (it has no "
                 "--client-auth-file): connect without credentials"), compressor)
@@ -246,6 +284,8 @@ class Gate:
                 doc = self._continue(client, request)
         except scram.ScramError as exc:
             return self._login_failed(client, frame, compressor, str(exc))
+        except AuthQueryFailure as exc:
+            return self._lookup_failed(client, frame, compressor, exc)
         return _reply(client, frame, {**doc, "ok": 1.0}, compressor)
 
     def _start(self, client: "ClientConn", request: dict[str, Any], db: str) -> dict[str, Any]:
@@ -256,7 +296,7 @@ class Gate:
         state = client.auth = client.auth or ClientAuth()
         state.as_text = isinstance(request.get("payload"), str)
         client_first = scram.payload_bytes(request.get("payload"))
-        user = self.users.get(db, scram.ScramServer.user_of(client_first))
+        user = self._user(client, db, scram.ScramServer.user_of(client_first))
         credential = user.credentials.get(mechanism) if user else None
         state.conversation = scram.ScramServer(mechanism, credential, self._decoy,
                                                keep_client_key=self.passthrough)
@@ -304,6 +344,18 @@ class Gate:
                         "address this minute)%s", client.peer_ip, who, why, count, blocked)
         return _reply(client, frame, error_doc(AUTHENTICATION_FAILED, "Authentication failed."),
                       compressor)
+
+    def _lookup_failed(self, client: "ClientConn", frame: bytes, compressor: Optional[int],
+                       exc: AuthQueryFailure) -> Verdict:
+        """--auth-query could not look the user up: not the client's fault, not counted."""
+        state = client.auth
+        if state is not None:
+            state.conversation = state.pending = None
+        log.warning("cannot check a login of %s: the user lookup on %s failed: %s", client,
+                    client.member.real, exc)
+        return _reply(client, frame, error_doc(
+            AUTHENTICATION_FAILED, "Authentication failed: dvara cannot look the user up "
+            "on the servers now; try again later"), compressor)
 
     def _decoy(self, username: str) -> bytes:
         """Stable made-up bytes for an unknown user's salt (unknown looks like a wrong

@@ -27,7 +27,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 from dvara_lib import wire
-from dvara_lib.proxy.gate import Gate
+from dvara_lib.proxy.gate import Gate, RunCommand
 from dvara_lib.proxy import hello
 from dvara_lib.proxy import legacy
 from dvara_lib.proxy.client import ClientConn, Fill, ParkedHello, Verdict
@@ -86,20 +86,28 @@ class Relay:
 
     def __init__(self, settings: "Settings", topology: "Topology", handback: Handback,
                  on_server_failure: Callable[["Member"], None] = lambda m: None,
-                 on_state_change: Callable[["Member", bool], None] = lambda m, s: None) -> None:
+                 on_state_change: Callable[["Member", bool], None] = lambda m, s: None,
+                 run_command: Optional[RunCommand] = None) -> None:
         self.settings = settings
         self.topology = topology
         self.handback = handback
         self.on_server_failure = on_server_failure
         self.on_state_change = on_state_change
         self.legacy = legacy.Legacy(settings.get_last_error_timeout)
-        self.gate = Gate.from_settings(settings)   # client logins, or None
+        self.gate = Gate.from_settings(settings, run_command, self._clear_user)  # or None
         self.passthrough = settings.auth_passthrough   # member pools are UserPools
         gate_step: list[Step] = [] if self.gate is None else [self.gate.check]
         self._steps: list[Step] = [*gate_step, self.legacy.handle, self._hello_step]
         self.others_waiting: Callable[[], bool] = lambda: True
         self.acceptor_busy: Callable[[], bool] = lambda: False
         self.requeue: Callable[[ClientConn, bytes], None] = lambda client, frame: None
+
+    def _clear_user(self, key: tuple[str, str]) -> None:
+        """--auth-query saw key's verifier change: close its server connections."""
+        for member in self.topology.members():
+            clear = getattr(member.pool, "clear_user", None)
+            if clear is not None:
+                clear(key)
 
     def apply_settings(self, settings: "Settings") -> None:
         """Settings a reload changed (SIGHUP)."""

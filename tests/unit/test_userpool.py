@@ -135,7 +135,7 @@ def test_passthrough_options_are_off_by_default_and_checked(capsys: pytest.Captu
     from dvara_lib.config import parse_args
     default = parse_args([], env={})
     assert (default.auth_passthrough, default.max_user_connections) == (False, 0)
-    for argv, message in ((["--auth-passthrough"], "--auth-passthrough: needs --client-auth-file"),
+    for argv, message in ((["--auth-passthrough"], "--auth-passthrough: needs --client-auth-file or --auth-query"),
                           (["--max-user-connections", "2"], "needs --auth-passthrough")):
         with pytest.raises(SystemExit):
             parse_args(argv, env={})
