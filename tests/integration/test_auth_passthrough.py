@@ -1,4 +1,4 @@
-"""SCRAM pass-through (issue 15): verifiers that match the server's (dvara adduser
+"""SCRAM pass-through: verifiers that match the server's (dvara adduser
 --from-server), and --auth-passthrough (each client on server connections logged in as
 its own user), against a SecantusDB started with --auth, which enforces roles."""
 

@@ -1,4 +1,4 @@
-"""--auth-query (issue 15, way a): dvara with no user file looks clients' users up on the
+"""--auth-query: dvara with no user file looks clients' users up on the
 servers (usersInfo with showCredentials, as its own account), caches them for
 --auth-query-cache, and relays each client as its own user (--auth-passthrough), against
 a SecantusDB started with --auth, which enforces roles."""
