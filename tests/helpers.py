@@ -11,13 +11,16 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import bson
+from prometheus_client.parser import text_string_to_metric_families
 from pymongo import MongoClient
 
 from dvara_lib import wire
+from dvara_lib.observe.admin import prometheus_name
 
 ROOT = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -34,6 +37,16 @@ def wait_until(predicate: Callable[[], Any], what: str, timeout: float = 10.0,
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(step)
+
+
+def metric_sum(admin: str, measure: str) -> float:
+    """A counter's total or a gauge's value from dvara's /metrics at admin, summed over
+    members."""
+    with urllib.request.urlopen(f"http://{admin}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    wanted = {prometheus_name(measure), prometheus_name(measure) + "_total"}
+    return sum(s.value for family in text_string_to_metric_families(text)
+               for s in family.samples if s.name in wanted)
 
 
 def free_port() -> int:

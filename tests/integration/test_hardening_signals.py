@@ -18,11 +18,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from prometheus_client.parser import text_string_to_metric_families
 from pymongo import MongoClient
 
-from dvara_lib.observe.admin import prometheus_name
-from tests.helpers import Dvara, free_port, wait_until
+from tests.helpers import Dvara, free_port, metric_sum, wait_until
 from tests.legacy_peers import LegacyClient, Mongod24
 
 RELOAD_WAIT = 15.0
@@ -31,15 +29,6 @@ RELOAD_WAIT = 15.0
 def _healthz(addr: str) -> str:
     with urllib.request.urlopen(f"http://{addr}/healthz", timeout=5) as reply:
         return reply.read().decode().strip()
-
-
-def _metric(admin: str, measure: str) -> float:
-    """A counter's total or a gauge's value, from /metrics."""
-    with urllib.request.urlopen(f"http://{admin}/metrics", timeout=10) as resp:
-        text = resp.read().decode()
-    wanted = {prometheus_name(measure), prometheus_name(measure) + "_total"}
-    return sum(s.value for family in text_string_to_metric_families(text)
-               for s in family.samples if s.name in wanted)
 
 
 def _ping(proxy: Dvara) -> float:
@@ -118,19 +107,19 @@ def test_sighup_applies_get_last_error_timeout(tmp_path: Path):
         wait_until(lambda: "SIGHUP: applied get-last-error-timeout" in proxy.log(),
                    "the reload", RELOAD_WAIT)
         my_id = client.command({"isMaster": 1}, db="admin")["connectionId"]
-        timeouts = _metric(admin, "gle.pin_timeouts")
+        timeouts = metric_sum(admin, "gle.pin_timeouts")
         tag = "after-reload"
         _write(client, tag, 4)
         wait_until(lambda: mongod.find(kind="insert", tag=tag), "the write to arrive")
         # Past the new 1 s (pins are checked every 0.5 s); today the pin holds for 1m.
-        _settle(lambda: _metric(admin, "gle.pin_timeouts") > timeouts, 6)
+        _settle(lambda: metric_sum(admin, "gle.pin_timeouts") > timeouts, 6)
         answer = client.command({"getlasterror": 1, "tag": tag})
         assert answer == {"n": 0, "connectionId": my_id, "err": None, "ok": 1.0}, (
             f"getLastError 6s after a write with get-last-error-timeout reloaded to 1s was "
             f"answered from the still-pinned connection: {answer}")
         assert mongod.find(kind="command", tag=tag) == []
-        assert _metric(admin, "gle.pin_timeouts") == timeouts + 1
-        assert _metric(admin, "gle.pinned") == 0
+        assert metric_sum(admin, "gle.pin_timeouts") == timeouts + 1
+        assert metric_sum(admin, "gle.pinned") == 0
 
 
 # -- SIGUSR2 -------------------------------------------------------------------------------
@@ -201,5 +190,5 @@ def test_every_setting_sighup_applies_takes_effect(secantus, tmp_path: Path):
             for idle in (first, second):                   # the others idle out in ~1s
                 idle.settimeout(5)
                 assert idle.recv(1) == b""
-        assert _metric(admin, "clients.rejected") == 1
-        assert _metric(admin, "clients.idle_timeouts") == 2
+        assert metric_sum(admin, "clients.rejected") == 1
+        assert metric_sum(admin, "clients.idle_timeouts") == 2

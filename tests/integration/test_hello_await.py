@@ -7,7 +7,7 @@ import time
 from pymongo import MongoClient
 
 from dvara_lib import wire
-from tests.helpers import RawClient, wait_until
+from tests.helpers import RawClient, free_port, metric_sum, wait_until
 
 
 def _hello(raw: RawClient) -> dict:
@@ -48,14 +48,18 @@ def test_exhaust_hello_streams_replies(secantus, start_dvara):
 
 
 def test_stepdown_reaches_parked_hellos(fresh_secantus, start_dvara):
-    proxy = start_dvara(fresh_secantus.address, "--discovery-interval", "300ms")
+    admin = f"127.0.0.1:{free_port()}"
+    proxy = start_dvara(fresh_secantus.address, "--discovery-interval", "300ms",
+                        "--admin-addr", admin)
     with MongoClient(proxy.uri(), serverSelectionTimeoutMS=20000) as client:
         client.admin.command("ping")
         raw = RawClient(proxy.port, timeout=30)
         tv = _hello(raw)["topologyVersion"]
+        others = metric_sum(admin, "hello.parked")   # pymongo's own monitor
         raw.send(wire.op_msg({"hello": 1, "topologyVersion": tv, "maxAwaitTimeMS": 20000,
                               "$db": "admin"}))
-        time.sleep(0.2)  # let the hello park before the set changes
+        wait_until(lambda: metric_sum(admin, "hello.parked") > others,
+                   "the hello to park before the set changes")
         try:
             client.admin.command({"replSetStepDown": 2, "force": True})
         except Exception:  # noqa: BLE001 - a stepping-down server may close the connection

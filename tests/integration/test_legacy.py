@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import itertools
 import threading
-import urllib.request
 from typing import Any, Callable, Iterator, NamedTuple
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from dvara_lib import wire
 from dvara_lib.proxy import legacy
-from dvara_lib.observe.admin import prometheus_name
-from tests.helpers import Dvara, RawClient, free_port
+from tests.helpers import Dvara, RawClient, free_port, metric_sum
 from tests.helpers import wait_until as _wait_until
 from tests.legacy_peers import (BAD_QUERY, CURSOR_NOT_FOUND, EXHAUST, QUERY_FAILURE, LegacyClient,
                                 Mongod24, Reply)
@@ -43,11 +40,7 @@ class Proxy(NamedTuple):
 
     def metric(self, measure: str) -> float:
         """A counter's total or a gauge's value (one member)."""
-        with urllib.request.urlopen(f"http://{self.admin}/metrics", timeout=10) as resp:
-            text = resp.read().decode()
-        wanted = {prometheus_name(measure), prometheus_name(measure) + "_total"}
-        return sum(s.value for family in text_string_to_metric_families(text)
-                   for s in family.samples if s.name in wanted)
+        return metric_sum(self.admin, measure)
 
 
 def start_proxy(tmp: Any, mongod: Mongod24, *flags: str) -> Proxy:

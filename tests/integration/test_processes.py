@@ -15,7 +15,7 @@ import pytest
 from pymongo import MongoClient
 
 from dvara_lib import wire
-from tests.helpers import Dvara, RawClient, free_port, wait_until
+from tests.helpers import Dvara, RawClient, free_port, metric_sum, wait_until
 from tests.integration.test_restart import Load, _alive, _pid, _stop_current
 
 
@@ -39,12 +39,6 @@ def _get(admin: str, path: str) -> Any:
     with urllib.request.urlopen(f"http://{admin}{path}", timeout=10) as reply:
         body = reply.read().decode()
     return json.loads(body) if path == "/status" else body
-
-
-def _counter(admin: str, name: str) -> float:
-    prefix = f"mongoproxy_{name}_total{{"
-    return sum(float(line.rsplit(" ", 1)[1]) for line in _get(admin, "/metrics").splitlines()
-               if line.startswith(prefix))
 
 
 def _hello(raw: RawClient) -> dict[str, Any]:
@@ -72,10 +66,10 @@ def test_two_processes_answer_as_one_server(two):
         versions = {(str(h["topologyVersion"]["processId"]), h["topologyVersion"]["counter"])
                     for h in hellos}
         assert len(versions) == 1                              # one server to drivers
-        before = _counter(admin, "requests")
+        before = metric_sum(admin, "requests")
         for raw in raws:
             assert raw.command({"ping": 1})["ok"] == 1.0
-        wait_until(lambda: _counter(admin, "requests") - before >= len(raws),
+        wait_until(lambda: metric_sum(admin, "requests") - before >= len(raws),
                    "the pings counted over both processes")
         status = _get(admin, "/status")
         assert status["processes"] == 2 and status["clients"]["connected"] == len(raws)
@@ -157,7 +151,7 @@ def test_a_killed_worker_is_replaced_and_the_other_serves_on(two):
 
 
 def test_a_stepdown_reaches_parked_hellos_in_every_process(two):
-    proxy, _, backend = two
+    proxy, admin, backend = two
     raws = [RawClient(proxy.port, timeout=30) for _ in range(8)]
     try:
         first = [_hello(raw) for raw in raws]
@@ -165,7 +159,8 @@ def test_a_stepdown_reaches_parked_hellos_in_every_process(two):
         for raw, hello in zip(raws, first):
             raw.send(wire.op_msg({"hello": 1, "topologyVersion": hello["topologyVersion"],
                                   "maxAwaitTimeMS": 20000, "$db": "admin"}))
-        time.sleep(0.3)  # let the hellos park before the set changes
+        wait_until(lambda: metric_sum(admin, "hello.parked") == len(raws),
+                   "the hellos to park before the set changes")
         with MongoClient(f"mongodb://{backend.address}/?directConnection=true") as direct:
             try:
                 direct.admin.command({"replSetStepDown": 2, "force": True})

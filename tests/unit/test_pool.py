@@ -179,7 +179,6 @@ def test_a_waiter_is_woken_by_a_checkin_from_another_thread(make_pool, stats):
     waiter.start()
     wait_until(lambda: pool.waiting == 1, "the waiter to block")
     assert numbers(pool) == (1, 1, 1)
-    time.sleep(0.05)
     pool.checkin(conn)
     waiter.join(5)
     assert got == [conn]
