@@ -447,6 +447,14 @@ def op_query(ns: str, doc: dict[str, Any], number_to_return: int = -1, flags: in
     return _frame(OP_QUERY, body, next_request_id() if req_id is None else req_id, 0)
 
 
+def command(doc: dict[str, Any], db: str, max_wire_version: int) -> bytes:
+    """A command the proxy sends on its own connection: OP_MSG to a server that speaks
+    it (3.6+), legacy OP_QUERY on db.$cmd otherwise."""
+    if max_wire_version >= OP_MSG_WIRE_VERSION:
+        return op_msg({**doc, "$db": db})
+    return op_query(f"{db}.$cmd", doc)
+
+
 def reply_like(request: bytes, doc: dict[str, Any], flags: int = 0) -> bytes:
     """A one-document reply in the protocol of request (OP_MSG or OP_REPLY)."""
     if opcode(request) == OP_MSG:

@@ -158,17 +158,10 @@ class Backend:
         connection to member logged in as the proxy's account; every step is bounded by
         timeout. Returns the reply document. Can raise ConnectionFailure
         (AuthenticationFailure: the proxy's login was refused or is backed off)."""
-        if self.login is not None:
-            self.login.check_backoff(member.real)
-        sock = self.connect(member.address, min(timeout, _CONNECT_TIMEOUT))
+        opened = self.open_pooled(member, timeout)
+        sock = opened.sock if isinstance(opened, Compressed) else opened   # sent plain
         try:
-            hello = run_hello(sock, hello_request(0, True, self.app_version))
-            if self.login is not None:
-                self.login.login(sock, hello, member.real)
-            wire.set_io_timeout(sock, timeout)
-            if int(hello.get("maxWireVersion", 0)) >= wire.OP_MSG_WIRE_VERSION:
-                return wire.round_trip(sock, wire.op_msg({**doc, "$db": db}))
-            return wire.round_trip(sock, wire.op_query(f"{db}.$cmd", doc))
+            return wire.round_trip(sock, wire.command(doc, db, member.max_wire_version))
         except (ProtocolError, OSError) as exc:
             raise ConnectionFailure(f"command on {member.real} failed: {exc}") from exc
         finally:

@@ -174,11 +174,8 @@ class MemberMonitor:
 
     def _status_names(self) -> list[str]:
         """Member names from replSetGetStatus; [] if the server won't say."""
-        if self.member.max_wire_version < wire.OP_MSG_WIRE_VERSION:
-            request = wire.op_query("admin.$cmd", {"replSetGetStatus": 1})
-        else:
-            request = wire.op_msg({"replSetGetStatus": 1, "$db": "admin"})
-        doc = wire.round_trip(self._sock, request)
+        doc = wire.round_trip(self._sock, wire.command({"replSetGetStatus": 1}, "admin",
+                                                       self.member.max_wire_version))
         return [str(m["name"]) for m in doc.get("members") or [] if m.get("name")]
 
     def close(self) -> None:

@@ -54,7 +54,6 @@ class _Worker:
         self.proc = proc
         self.channel = channel
         self.ready = threading.Event()
-        self.stopped = threading.Event()
         self.started = time.monotonic()
         self.last_states: list[tuple[str, _MemberState]] = []
 

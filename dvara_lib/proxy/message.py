@@ -51,7 +51,3 @@ class Message:
         if op == wire.OP_MSG:
             frame = wire.check_msg_flags(frame)
         return cls(frame, op, wire.command_name(frame), compressor)
-
-    @property
-    def expects_reply(self) -> bool:
-        return wire.expects_reply(self.frame)

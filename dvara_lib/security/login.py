@@ -176,11 +176,7 @@ def sasl_login(sock: socket.socket, max_wire: int, source: str, client: "SaslCli
 def _auth_command(sock: socket.socket, max_wire: int, source: str,
                   doc: dict[str, Any]) -> dict[str, Any]:
     """Run one authentication command. Can raise AuthenticationFailure, ConnectionFailure."""
-    if max_wire >= wire.OP_MSG_WIRE_VERSION:
-        request = wire.op_msg({**doc, "$db": source})
-    else:
-        request = wire.op_query(f"{source}.$cmd", doc)
-    reply = wire.round_trip(sock, request)
+    reply = wire.round_trip(sock, wire.command(doc, source, max_wire))
     if not reply.get("ok"):
         raise AuthenticationFailure(
             f"{reply.get('errmsg', 'refused')} (code {reply.get('code', '?')})")

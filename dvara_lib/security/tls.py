@@ -18,7 +18,6 @@ if TYPE_CHECKING:
     from dvara_lib.config import Settings
 
 DISABLED, ALLOW, REQUIRE = "disabled", "allow", "require"
-TLS_MODES = (DISABLED, ALLOW, REQUIRE)
 
 
 def listener_context(settings: "Settings") -> Optional[ssl.SSLContext]:
