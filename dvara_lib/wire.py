@@ -8,7 +8,6 @@ few messages the proxy answers or rewrites itself, the command document.
 
 from __future__ import annotations
 
-import ctypes
 import random
 import socket
 import ssl
@@ -225,53 +224,12 @@ def round_trip(sock: socket.socket, request: bytes) -> dict[str, Any]:
 
 def send_all(sock: socket.socket, data: bytes) -> None:
     """Write all of data. Can raise ConnectionFailure or ServerTimeout."""
-    sent = send_now(sock, data)
-    if sent == len(data):
-        return
     try:
-        sock.sendall(data[sent:] if sent else data)
+        sock.sendall(data)
     except (socket.timeout, BlockingIOError) as exc:
         raise ServerTimeout("timed out writing to server") from exc
     except OSError as exc:
         raise ConnectionFailure(f"write failed: {exc}") from exc
-
-
-# --- sending without letting go of the GIL ---------------------------------------------
-# socket.send releases the GIL around the system call, as every blocking call must. A
-# send on loopback is not short (it runs the receiver's side of TCP too), and with many
-# threads busy the GIL then passes to another thread and back: two context switches per
-# send. Measured side by side (scripts/bench.py, 32 clients), keeping the GIL through
-# one non-blocking send of a small message cut the relay's CPU per message by a third.
-# So the first try at writing a message (at most _SEND_NOW_MAX bytes) calls libc's send
-# with MSG_DONTWAIT through ctypes.PyDLL, which keeps the GIL; whatever it did not write
-# goes through socket.sendall as usual. Without a libc to call, send_now writes nothing.
-
-_SEND_NOW_MAX = 64 * 1024
-_MSG_DONTWAIT_NOSIGNAL = socket.MSG_DONTWAIT | getattr(socket, "MSG_NOSIGNAL", 0)
-
-
-def _libc_send() -> Optional[Any]:
-    try:
-        libc = ctypes.PyDLL(None, use_errno=True)   # PyDLL: calls keep the GIL
-        send = libc.send
-    except (OSError, AttributeError):
-        return None
-    send.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int)
-    send.restype = ctypes.c_ssize_t
-    return send
-
-
-_libc_send_fn = _libc_send()
-
-
-def send_now(sock: socket.socket, data: bytes) -> int:
-    """Write what the socket takes of data at once, without waiting and keeping the GIL;
-    how many bytes that was (0 on any error: the caller's own send reports it)."""
-    if _libc_send_fn is None or len(data) > _SEND_NOW_MAX or type(data) is not bytes \
-            or isinstance(sock, ssl.SSLSocket):
-        return 0
-    sent = _libc_send_fn(sock.fileno(), data, len(data), _MSG_DONTWAIT_NOSIGNAL)
-    return sent if sent > 0 else 0
 
 
 # --- cheap inspection ------------------------------------------------------------------

@@ -15,6 +15,9 @@ Methods for callers:
   in when the block ends, not reusable if the block raised or ``conn.spoil()`` was called,
   unless it was pinned to a client meanwhile (``conn.pinned``): the pin's owner then
   checks it in (``checkin``) or uses it again in a ``with conn:`` block.
+- take_idle() -> Optional[ServerConnection], give_back(conn): the usual checkout and
+  checkin, without waiting and without recording anything (the relay's fast path
+  records them itself)
 - checkin(conn, reusable)
 - clear()       after a network error: retire every connection opened so far
 - maintain()    close connections idle too long, open up to min_idle (discovery thread)
@@ -89,7 +92,12 @@ class ServerConnection:
 
         Can raise ConnectionFailure, ServerTimeout or ProtocolError.
         """
-        data, self.rest = self.rest, b""
+        if not self.rest:
+            data = wire.recv_some(self.sock, wire.READ_CHUNK)
+            if len(data) >= 16 and wire.INT32.unpack_from(data, 0)[0] == len(data):
+                return data             # the usual reply: whole in one read
+        else:
+            data, self.rest = self.rest, b""
         while len(data) < 16:
             data += wire.recv_some(self.sock, wire.READ_CHUNK)
         length = wire.INT32.unpack_from(data, 0)[0]
@@ -286,11 +294,45 @@ class Pool:
         log.debug("opened a connection to %s", self.name)
         return conn
 
+    def take_idle(self) -> Optional[ServerConnection]:
+        """The usual checkout, for the relay's fast path: the idle connection used last,
+        or None (then checkout). It records nothing: the caller reports the wait (none)
+        and the time held (MemberMetrics.relayed), and gives it back with give_back.
+        (No "with" and no try around these few steps, which cannot fail: each costs
+        method lookups, once per message.)"""
+        lock = self._lock
+        lock.acquire()
+        if not self._idle or self._closed:
+            lock.release()
+            return None
+        conn = self._idle.pop()
+        self._lent.add(conn)
+        lock.release()
+        conn.spoiled = conn.pinned = False
+        return conn
+
+    def give_back(self, conn: ServerConnection, now: float) -> None:
+        """The usual checkin, for the relay's fast path (after take_idle; now is
+        time.monotonic()): conn is sound, and nothing is recorded. Anything unusual
+        (a stale connection, a closed pool, threads waiting) goes through checkin."""
+        lock = self._lock
+        lock.acquire()
+        if conn.generation != self.generation or self._closed or self._waiters:
+            lock.release()
+            self.checkin(conn, True, False)
+            return
+        self._lent.discard(conn)
+        conn.last_checkin = now
+        self._idle.append(conn)
+        lock.release()
+
     def checkin(self, conn: ServerConnection, reusable: bool = True,
                 count_held: bool = True) -> None:
         """Give conn back; it is closed if not reusable, stale, or the pool is closed."""
         now = time.monotonic()
-        with self._lock:
+        lock = self._lock
+        lock.acquire()
+        try:
             self._lent.discard(conn)
             keep = reusable and not conn.closed and not self._closed \
                 and conn.generation == self.generation
@@ -299,7 +341,10 @@ class Pool:
                 self._idle.append(conn)
             else:
                 self._forget_conn(conn)
-            self._notify()
+            if self._waiters:
+                self._notify()
+        finally:
+            lock.release()
         try:
             if count_held:
                 self.stats.held(now - conn.checked_out_at)

@@ -67,6 +67,10 @@ class UserPool(Pool):
         Can raise PoolTimeout or ConnectionFailure."""
         return self.checkout_as(None, None, timeout)
 
+    def take_idle(self) -> Optional[ServerConnection]:
+        """None: every connection is taken for its user (checkout_as)."""
+        return None
+
     def checkout_as(self, key: UserKey, login: Any, timeout: float) -> ServerConnection:
         """A connection logged in as key (with login when one must be opened). Can raise
         PoolTimeout, ConnectionFailure (AuthenticationFailure: the login was refused)."""

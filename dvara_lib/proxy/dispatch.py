@@ -50,14 +50,14 @@ class Crew:
         self.count = count
         self._run = run
         self._lock = threading.Lock()
-        self._work: collections.deque[Any] = collections.deque()
+        self.work: collections.deque[Any] = collections.deque()    # the same deque for life
         self._parked: list[threading.Lock] = []     # last parked last in: woken first
         self.executor = start_thread_pool(count, prefix, self._loop)
 
     @property
     def waiting(self) -> int:
         """Items queued, not yet taken."""
-        return len(self._work)
+        return len(self.work)
 
     @property
     def parked(self) -> int:
@@ -67,7 +67,7 @@ class Crew:
     def put(self, item: Any) -> None:
         """Queue item; wake the worker that went to sleep last, if one sleeps."""
         with self._lock:
-            self._work.append(item)
+            self.work.append(item)
             wake = self._parked.pop() if self._parked else None
         if wake is not None:
             wake.release()
@@ -75,8 +75,8 @@ class Crew:
     def stop(self) -> None:
         """Drop the queued work; every worker ends once it is done with its item."""
         with self._lock:
-            self._work.clear()
-            self._work.extend([None] * self.count)
+            self.work.clear()
+            self.work.extend([None] * self.count)
             parked, self._parked = self._parked, []
         for wake in parked:
             wake.release()
@@ -87,7 +87,7 @@ class Crew:
         parker.acquire()
         while True:
             with self._lock:
-                item = self._work.popleft() if self._work else _PARK
+                item = self.work.popleft() if self.work else _PARK
                 if item is _PARK:
                     self._parked.append(parker)
             if item is _PARK:
@@ -119,6 +119,7 @@ class Dispatcher:
         self._held: dict["Member", collections.deque[tuple["ClientConn", bytes]]] = {}
         self.held = 0           # held back for their member's share
         self._crew = Crew(workers, "dvara-worker", self._take)
+        self._queued = self._crew.work     # read by waiting(), once per message
         self._pinned = Crew(pinned_workers, "dvara-pinned", self._take)
         self.executor, self.pinned_executor = self._crew.executor, self._pinned.executor
         # The loops never end by themselves: end them as the interpreter exits, as
@@ -134,7 +135,7 @@ class Dispatcher:
 
     def waiting(self) -> bool:
         """Whether a message waits for a worker (read without the lock: a hint)."""
-        return self._crew.waiting > 0 or self.held > 0
+        return bool(self._queued) or self.held > 0
 
     # -- the acceptor's side ------------------------------------------------------------
     def submit(self, client: "ClientConn", frame: bytes) -> None:

@@ -72,6 +72,10 @@ _PLAIN_OP_MSG = struct.pack("<iIB", wire.OP_MSG, 0, 0)
 _SPECIAL_KEYS = frozenset(n.encode() for n in hello.HELLO_NAMES | REWRITTEN_REPLIES)
 _MUTATION_KEYS = frozenset(n.encode() for n in MUTATIONS)
 
+#: The verdicts by plain names: reading an attribute of an Enum class passes through
+#: EnumType.__getattr__'s hook in CPython 3.11, which costs more than a message's checks.
+RESUME, CLOSE, PARK = Verdict.RESUME, Verdict.CLOSE, Verdict.PARK
+
 Handback = Callable[[ClientConn, Verdict, Optional[ParkedHello]], None]
 
 
@@ -117,11 +121,13 @@ class Relay:
     # -- entry points (worker threads) ------------------------------------------------------
     def serve(self, client: ClientConn, frame: bytes) -> None:
         """Handle client's message, and its next ones while they come at once; let go."""
-        outcome: Outcome = Verdict.CLOSE
+        outcome: Outcome = CLOSE
         try:
             while True:
-                outcome = self.serve_one(client, frame)
-                if outcome is not Verdict.RESUME:
+                key = self._plain_command(client, frame)
+                outcome = self._relay_plain(client, frame, key) if key is not None \
+                    else self._serve_any(client, frame)
+                if outcome is not RESUME:
                     break
                 after = self._next_or_release(client)
                 if after is None:
@@ -133,16 +139,16 @@ class Relay:
         except ProtocolError as exc:
             client.member.stats.incr("errors.bad_frame")
             log.warning("client %s sent a bad message (%s); closing it", client, exc)
-            outcome = Verdict.CLOSE
+            outcome = CLOSE
         except Exception:
             client.member.stats.incr("errors.proxy")
             log.exception("unexpected error serving %s; closing it", client)
-            outcome = Verdict.CLOSE
+            outcome = CLOSE
         self._hand_back(client, outcome)
 
     def serve_parked(self, client: ClientConn, parked: ParkedHello) -> None:
         """Answer a parked hello (its member changed or its time is up), then hand back."""
-        outcome: Outcome = Verdict.CLOSE
+        outcome: Outcome = CLOSE
         try:
             outcome = self.send_hello(client, parked.frame, parked.request, parked.command,
                                       parked.exhaust)
@@ -152,7 +158,7 @@ class Relay:
 
     def _hand_back(self, client: ClientConn, outcome: Outcome) -> None:
         if isinstance(outcome, ParkedHello):
-            self.handback(client, Verdict.PARK, outcome)
+            self.handback(client, PARK, outcome)
         else:
             self.handback(client, outcome, None)
 
@@ -160,33 +166,44 @@ class Relay:
         """The client's next message to serve now; None once the client is let go; or
         the Verdict to hand it back with. Can raise ProtocolError."""
         if self.acceptor_busy():
-            return Verdict.RESUME       # a drain: what the client sent moves with it
-        frame = client.next_frame()
-        if frame is None and self._may_linger(client):
+            return RESUME       # a drain: what the client sent moves with it
+        if client.buf or client.counted:
+            frame = client.next_frame()
+        elif self._may_linger(client):
             frame = client.wait_message()
+        else:
+            frame = None
+        if frame is not None:
+            return self._now_or_queued(client, frame)
         for _ in range(_RELEASE_TRIES):
-            if frame is not None:
-                if not self.others_waiting():
-                    return frame
-                self.requeue(client, frame)     # the messages that came first go first
-                return None
             if client.closing:
-                return Verdict.CLOSE
+                return CLOSE
             if self.acceptor_busy() or (client.io.budget.spent and client.mid_message()):
-                return Verdict.RESUME       # the acceptor decides (drain, throttle)
+                return RESUME       # the acceptor decides (drain, throttle)
             try:
                 if client.release():
                     return None
             except OSError:
-                return Verdict.CLOSE        # its socket broke
+                return CLOSE        # its socket broke
             if client.fill() is Fill.CLOSED:   # it became readable while we owned it
                 client.closing = True          # done sending: serve what it sent, then close
             frame = client.next_frame()
-        return frame if frame is not None else Verdict.RESUME
+            if frame is not None:
+                return self._now_or_queued(client, frame)
+        return RESUME
+
+    def _now_or_queued(self, client: ClientConn, frame: bytes) -> Optional[bytes]:
+        """frame, to serve now; or None once it is queued behind the messages that
+        wait for a worker (they came first; the client goes with it)."""
+        if not self.others_waiting():
+            return frame
+        self.requeue(client, frame)
+        return None
 
     def _may_linger(self, client: ClientConn) -> bool:
+        """Wait on the client's socket for its next message (nothing is buffered)."""
         return client.io.linger > 0 and client.reader is None and not client.closing \
-            and not client.mid_message() and not self.others_waiting()
+            and not self.others_waiting()
 
     def parked_now(self, frame: bytes, command: str, exhaust: bool) -> ParkedHello:
         """A parked hello (moved from the process this one replaced) due at once."""
@@ -219,36 +236,45 @@ class Relay:
         return None if end < 0 or key in _SPECIAL_KEYS else key
 
     def _relay_plain(self, client: ClientConn, frame: bytes, key: bytes) -> Outcome:
-        """The fast path: check out, send, read the whole reply, check in, write it."""
+        """The fast path: check out, send, read the whole reply, check in, write it.
+        (Its calls pass their arguments by position: a keyword argument costs a
+        call without the interpreter's shortcuts.)"""
         member = client.member
+        pool = member.pool
         start = time.monotonic()
-        conn = self._checkout(client, frame)
+        conn = pool.take_idle()         # the usual case; it records nothing
+        quick = conn is not None
         if conn is None:
-            member.stats.incr("requests")
-            return Verdict.CLOSE if client.closing else Verdict.RESUME
+            conn = self._checkout(client, frame)
+            if conn is None:
+                member.stats.incr("requests")
+                return CLOSE if client.closing else RESUME
         try:
             conn.send(frame)
             reply = conn.read_frame()
-            if reply[8:12] != frame[4:8]:
-                raise ProtocolError(f"server reply answers {wire.response_to(reply)}, "
-                                    f"not {wire.request_id(frame)}")
-            if _streams(reply):
-                raise ProtocolError("the server streams replies to a request that did not "
-                                    "ask for it")
+            if reply[8:12] != frame[4:8] or _streams(reply):
+                raise ProtocolError(_unexpected_reply(frame, reply))
         except (ConnectionFailure, ProtocolError) as exc:
             conn.spoil()
+            pool.checkin(conn, False, not quick)
             self._server_failed(member, exc)
             member.stats.incr("requests")
-            return Verdict.CLOSE
-        finally:
-            member.pool.checkin(conn, not conn.spoiled)
-        if len(reply) < _SCANNED_REPLY_SIZE and (b"errmsg" in reply or b"err\x00" in reply) \
-                and any(m in reply for m in STATE_CHANGE_MARKERS):
+            return CLOSE
+        except BaseException:
+            pool.checkin(conn, False, not quick)
+            raise
+        now = time.monotonic()
+        if quick:
+            pool.give_back(conn, now)
+        else:
+            pool.checkin(conn, True)
+        if reply.find(b"err") >= 0 and len(reply) < _SCANNED_REPLY_SIZE \
+                and _may_say_state_change(reply):
             self._check_state_change(member, reply)
-        sent = client.send(reply, count=False)
+        sent = client.send(reply, False)
         member.stats.relayed(len(frame), len(reply) if sent else 0, key in _MUTATION_KEYS,
-                             time.monotonic() - start)
-        return Verdict.RESUME if sent else Verdict.CLOSE
+                             time.monotonic() - start, now - start if quick else None)
+        return RESUME if sent else CLOSE
 
     def _serve_any(self, client: ClientConn, frame: bytes) -> Outcome:
         """Any message: compressed, legacy, hello, authentication, streams, pins. It goes
@@ -302,7 +328,7 @@ class Relay:
                 log.info("no hello yet from %s; closing %s", member.real, client)
             else:
                 log.debug("router %s is down; closing %s", member.real, client)
-            return Verdict.CLOSE
+            return CLOSE
         member.stats.incr("hello.answered")
         if self.gate is not None:               # saslSupportedMechs, speculative login
             self.gate.on_hello(client, request, doc)
@@ -310,7 +336,7 @@ class Relay:
             return _sent(client.send(wire.reply_like(frame, doc)))
         reply = wire.reply_like(frame, doc, flags=wire.MORE_TO_COME)
         if not client.send(reply):
-            return Verdict.CLOSE
+            return CLOSE
         wait = hello.max_await_seconds(request)
         # The next reply of the stream answers this one (OP_MSG exhaust rule).
         next_frame = wire.with_request_id(frame, wire.request_id(reply))
@@ -332,18 +358,18 @@ class Relay:
             conn = self._checkout_as(client, frame) if self.passthrough \
                 else self._checkout(client, frame)
             if conn is None:
-                return Verdict.RESUME if wire.expects_reply(frame) and not client.closing \
-                    else Verdict.CLOSE
+                return RESUME if wire.expects_reply(frame) and not client.closing \
+                    else CLOSE
         with conn:
             if not self._send(member, conn, frame):
-                return Verdict.CLOSE
+                return CLOSE
             if not wire.expects_reply(frame):
                 self.legacy.pin(client, conn, new=not was_pinned)
-                return Verdict.RESUME
+                return RESUME
             member.stats.incr("requests.with_reply")
             reply = self._read_reply(member, conn, frame)
             if reply is None:
-                return Verdict.CLOSE
+                return CLOSE
             if wire.more_to_come(reply) or (legacy.exhaust_query(frame)
                                             and legacy.cursor_open(reply)):
                 return self._stream(client, conn, frame, reply, name, compressor, start)
@@ -438,8 +464,8 @@ class Relay:
             conn.spoil()
             self._server_failed(member, exc)
             return None
-        if len(reply) < _SCANNED_REPLY_SIZE and (b"errmsg" in reply or b"err\x00" in reply) \
-                and any(m in reply for m in STATE_CHANGE_MARKERS):
+        if reply.find(b"err") >= 0 and len(reply) < _SCANNED_REPLY_SIZE \
+                and _may_say_state_change(reply):
             self._check_state_change(member, reply)
         return reply
 
@@ -456,7 +482,7 @@ class Relay:
             if not client.send(self._client_reply(reply, name, compressor)):
                 if streaming:
                     conn.spoil()            # the rest of the stream is still coming
-                return Verdict.CLOSE
+                return CLOSE
             if not streaming:
                 break
             try:
@@ -464,11 +490,11 @@ class Relay:
             except (ConnectionFailure, ProtocolError) as exc:
                 conn.spoil()
                 self._server_failed(member, exc)
-                return Verdict.CLOSE
+                return CLOSE
         if client.last_error is not None:
             self.legacy.after_reply(client, conn, reply)
         member.stats.observe("latency", time.monotonic() - start)
-        return Verdict.RESUME
+        return RESUME
 
     def _check_state_change(self, member: "Member", reply: bytes) -> None:
         """A "not primary", "node is recovering" or shutdown error: have discovery look now."""
@@ -537,16 +563,32 @@ def _user_key(client: ClientConn) -> Optional[tuple[str, str]]:
     return None if login is None else login.key
 
 
+def _may_say_state_change(reply: bytes) -> bool:
+    """The reply holds an error field and one of the state-change markers (a scan in C;
+    find, not ``in``: ``in`` on bytes first tries its operand as an integer, and the
+    TypeError it builds and drops costs more than the scan)."""
+    return (reply.find(b"errmsg") >= 0 or reply.find(b"err\x00") >= 0) \
+        and any(reply.find(m) >= 0 for m in STATE_CHANGE_MARKERS)
+
+
 def _streams(reply: bytes) -> bool:
     """An OP_MSG reply with moreToCome: the server will send more replies."""
-    return reply[12:16] == _OP_MSG_BYTES and bool(reply[16] & wire.MORE_TO_COME)
+    return len(reply) > 16 and reply[16] & wire.MORE_TO_COME != 0 \
+        and reply[12:16] == _OP_MSG_BYTES
+
+
+def _unexpected_reply(frame: bytes, reply: bytes) -> str:
+    """What is wrong with a reply to a plain request that _relay_plain refused."""
+    if not _streams(reply):
+        return f"server reply answers {wire.response_to(reply)}, not {wire.request_id(frame)}"
+    return "the server streams replies to a request that did not ask for it"
 
 
 _OP_MSG_BYTES = struct.pack("<i", wire.OP_MSG)
 
 
 def _sent(ok: bool) -> Verdict:
-    return Verdict.RESUME if ok else Verdict.CLOSE
+    return RESUME if ok else CLOSE
 
 
 def _request_doc(frame: bytes) -> dict[str, Any]:

@@ -125,7 +125,7 @@ def test_new_clients_get_distinct_ids_and_a_readable_repr(pair):
 
 
 def test_a_reply_the_socket_takes_in_parts_arrives_whole(pair):
-    """The first, GIL-holding try writes part of a reply; the rest follows, nothing twice."""
+    """The first try writes part of a reply; the rest follows, nothing twice."""
     client, peer = pair
     client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)

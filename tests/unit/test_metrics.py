@@ -270,3 +270,81 @@ def test_concurrent_updates_give_exact_totals():
     assert got[("clients.connected", None)].value == 0
     assert got[("latency.count", None)].total == n_threads * n_ops
     assert deltas == sorted(deltas)  # running totals never go backwards
+
+
+def _relayed_by_hand(mm, bytes_in, bytes_out, seconds, held) -> None:
+    """What relayed(..., held) stands for, one measure at a time."""
+    for name, n in (("requests", 1), ("requests.with_reply", 1), ("bytes.in", bytes_in),
+                    ("bytes.out", bytes_out)):
+        mm.incr(name, n)
+    mm.observe("latency", seconds)
+    mm.observe("server.checkout_wait", 0.0)
+    mm.observe("server.held", held)
+
+
+@pytest.mark.parametrize("requests", [1, 255, 256, 257, RESERVOIR_SIZE + 300])
+def test_relayed_requests_read_as_if_counted_one_by_one(requests, clock):
+    """The fast path logs its requests and folds them later; every reader sees them
+    counted, with the same totals, percentiles and maxima as measures updated one by
+    one, interval resets included."""
+    logged, by_hand = Metrics(clock=clock), Metrics(clock=clock)
+    for metrics, record in ((logged, lambda mm, *a: mm.relayed(a[0], a[1], False, a[2], a[3])),
+                            (by_hand, _relayed_by_hand)):
+        mm = metrics.member(A)
+        for i in range(requests):
+            record(mm, 10 + i % 7, 100 + i % 5, (i % 97) / 1000.0, (i % 89) / 2000.0)
+            if i == requests // 2:
+                metrics.snapshot(reset_interval=True)    # an interval ends midway
+    # A request that waited for its connection is counted at once (the pool timed it).
+    logged.member(A).relayed(1, 2, True, 0.5, None)
+    for name, n in (("requests", 1), ("requests.with_reply", 1), ("bytes.in", 1),
+                    ("bytes.out", 2), ("requests.mutations", 1)):
+        by_hand.member(A).incr(name, n)
+    by_hand.member(A).observe("latency", 0.5)
+    assert logged.member(A).value("requests") == requests + 1
+    assert logged.member(A).value("server.held") == requests
+    got, want = (by_key(m.snapshot(reset_interval=False)) for m in (logged, by_hand))
+    for name in ("requests", "requests.with_reply", "bytes.in", "bytes.out",
+                 "requests.mutations"):
+        assert got[(name, A)].total == want[(name, A)].total, name
+    for name in ("latency", "server.held", "server.checkout_wait"):
+        for part in ("p50", "p99", "max", "count", "sum"):
+            assert got[(f"{name}.{part}", A)].value == pytest.approx(
+                want[(f"{name}.{part}", A)].value), (name, part)
+
+
+def test_relayed_and_snapshots_racing_give_exact_totals():
+    """Workers log requests while a reader folds and resets: nothing lost or counted twice."""
+    metrics = Metrics()
+    n_threads, n_ops = 4, 3000
+    start = threading.Barrier(n_threads + 1, timeout=10)
+    done = threading.Event()
+
+    def work() -> None:
+        mm = metrics.member(A)
+        start.wait()
+        for i in range(n_ops):
+            mm.relayed(3, 5, False, 0.001, 0.0005)
+
+    def snapshotter() -> None:
+        start.wait()
+        for _ in range(10_000):
+            metrics.snapshot(reset_interval=True)
+            if done.is_set():
+                return
+
+    threads = [threading.Thread(target=work) for _ in range(n_threads)]
+    snap = threading.Thread(target=snapshotter)
+    for t in threads + [snap]:
+        t.start()
+    for t in threads:
+        t.join(60)
+    done.set()
+    snap.join(60)
+    assert not any(t.is_alive() for t in threads + [snap])
+    got = by_key(metrics.snapshot(reset_interval=False))
+    total = n_threads * n_ops
+    assert (got[("requests", A)].total, got[("bytes.in", A)].total,
+            got[("bytes.out", A)].total) == (total, 3 * total, 5 * total)
+    assert got[("latency.count", A)].total == total
+    assert got[("server.held.sum", A)].total == pytest.approx(0.5 * total)
