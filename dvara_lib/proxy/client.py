@@ -288,11 +288,17 @@ class ClientConn:
         """
         if self.io.tee is not None:
             self.io.tee.write(data)
+        sock = self.sock
         try:
-            if isinstance(self.sock, ssl.SSLSocket):
-                ok = _send_tls(self.sock, data, self.io.write_timeout)
+            if isinstance(sock, ssl.SSLSocket):
+                ok = _send_tls(sock, data, self.io.write_timeout)
             else:
-                ok = _send_plain(self.sock, data, self.io.write_timeout)
+                try:
+                    sent = sock.send(data, socket.MSG_DONTWAIT)
+                except (BlockingIOError, InterruptedError):
+                    sent = 0
+                # The usual case: written at once.
+                ok = sent == len(data) or _send_rest(sock, data, sent, self.io.write_timeout)
         except OSError as exc:
             log.debug("client %s: write failed: %s", self.peer, exc)
             return False
@@ -321,15 +327,9 @@ def linger_allowed(sock: socket.socket) -> bool:
     return not isinstance(sock, ssl.SSLSocket)
 
 
-def _send_plain(sock: socket.socket, data: bytes, timeout: float) -> bool:
-    """Write data to a plain socket; False if it takes longer than timeout in all. Can
-    raise OSError."""
-    try:
-        sent = sock.send(data, socket.MSG_DONTWAIT)
-    except (BlockingIOError, InterruptedError):
-        sent = 0
-    if sent == len(data):
-        return True                 # the usual case: written at once
+def _send_rest(sock: socket.socket, data: bytes, sent: int, timeout: float) -> bool:
+    """Write the rest of data (sent bytes are written) to a plain socket; False if it
+    takes longer than timeout in all. Can raise OSError."""
     deadline = time.monotonic() + timeout
     poller = select.poll()
     poller.register(sock, select.POLLOUT)

@@ -68,6 +68,8 @@ _RELEASE_TRIES = 4
 
 #: The header tail and flags of an OP_MSG with no flag set and its body section first.
 _PLAIN_OP_MSG = struct.pack("<iIB", wire.OP_MSG, 0, 0)
+_OP_MSG_BYTES = struct.pack("<i", wire.OP_MSG)
+_MORE_TO_COME = wire.MORE_TO_COME
 #: Command names the fast path leaves to the general one (as BSON keys).
 _SPECIAL_KEYS = frozenset(n.encode() for n in hello.HELLO_NAMES | REWRITTEN_REPLIES)
 _MUTATION_KEYS = frozenset(n.encode() for n in MUTATIONS)
@@ -252,7 +254,8 @@ class Relay:
         try:
             conn.send(frame)
             reply = conn.read_frame()
-            if reply[8:12] != frame[4:8] or _streams(reply):
+            if reply[8:12] != frame[4:8] or (len(reply) > 16 and reply[16] & _MORE_TO_COME
+                                             and _streams(reply)):
                 raise ProtocolError(_unexpected_reply(frame, reply))
         except (ConnectionFailure, ProtocolError) as exc:
             conn.spoil()
@@ -583,8 +586,6 @@ def _unexpected_reply(frame: bytes, reply: bytes) -> str:
         return f"server reply answers {wire.response_to(reply)}, not {wire.request_id(frame)}"
     return "the server streams replies to a request that did not ask for it"
 
-
-_OP_MSG_BYTES = struct.pack("<i", wire.OP_MSG)
 
 
 def _sent(ok: bool) -> Verdict:
