@@ -15,9 +15,9 @@ Methods for callers:
   in when the block ends, not reusable if the block raised or ``conn.spoil()`` was called,
   unless it was pinned to a client meanwhile (``conn.pinned``): the pin's owner then
   checks it in (``checkin``) or uses it again in a ``with conn:`` block.
-- take_idle() -> Optional[ServerConnection], give_back(conn): the usual checkout and
-  checkin, without waiting and without recording anything (the relay's fast path
-  records them itself)
+- checkout_idle() -> Optional[ServerConnection], checkin_idle(conn, now): the usual
+  checkout and checkin, without waiting and without recording anything (the relay's
+  fast path records them itself)
 - checkin(conn, reusable)
 - clear()       after a network error: retire every connection opened so far
 - maintain()    close connections idle too long, open up to min_idle (discovery thread)
@@ -294,10 +294,10 @@ class Pool:
         log.debug("opened a connection to %s", self.name)
         return conn
 
-    def take_idle(self) -> Optional[ServerConnection]:
+    def checkout_idle(self) -> Optional[ServerConnection]:
         """The usual checkout, for the relay's fast path: the idle connection used last,
         or None (then checkout). It records nothing: the caller reports the wait (none)
-        and the time held (MemberMetrics.relayed), and gives it back with give_back.
+        and the time held (MemberMetrics.relayed), and gives it back with checkin_idle.
         (No "with" and no try around these few steps, which cannot fail: each costs
         method lookups, once per message.)"""
         lock = self._lock
@@ -311,8 +311,8 @@ class Pool:
         conn.spoiled = conn.pinned = False
         return conn
 
-    def give_back(self, conn: ServerConnection, now: float) -> None:
-        """The usual checkin, for the relay's fast path (after take_idle; now is
+    def checkin_idle(self, conn: ServerConnection, now: float) -> None:
+        """The usual checkin, for the relay's fast path (after checkout_idle; now is
         time.monotonic()): conn is sound, and nothing is recorded. Anything unusual
         (a stale connection, a closed pool, threads waiting) goes through checkin."""
         lock = self._lock

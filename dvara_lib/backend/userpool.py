@@ -67,7 +67,7 @@ class UserPool(Pool):
         Can raise PoolTimeout or ConnectionFailure."""
         return self.checkout_as(None, None, timeout)
 
-    def take_idle(self) -> Optional[ServerConnection]:
+    def checkout_idle(self) -> Optional[ServerConnection]:
         """None: every connection is taken for its user (checkout_as)."""
         return None
 

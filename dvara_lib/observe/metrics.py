@@ -316,7 +316,7 @@ class MemberMetrics:
         """One request relayed and its reply written, in one call (the relay's fast path):
         requests, requests.with_reply, bytes.in, bytes.out, requests.mutations, latency;
         with held, also a checkout that did not wait (the caller took an idle connection
-        with Pool.take_idle, which records nothing) held for that long."""
+        with Pool.checkout_idle, which records nothing) held for that long."""
         shard = self._shard()
         if mutation:
             shard.counters[_MUTATIONS] += 1

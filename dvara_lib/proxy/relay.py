@@ -244,7 +244,7 @@ class Relay:
         member = client.member
         pool = member.pool
         start = time.monotonic()
-        conn = pool.take_idle()         # the usual case; it records nothing
+        conn = pool.checkout_idle()         # the usual case; it records nothing
         quick = conn is not None
         if conn is None:
             conn = self._checkout(client, frame)
@@ -268,7 +268,7 @@ class Relay:
             raise
         now = time.monotonic()
         if quick:
-            pool.give_back(conn, now)
+            pool.checkin_idle(conn, now)
         else:
             pool.checkin(conn, True)
         if reply.find(b"err") >= 0 and len(reply) < _SCANNED_REPLY_SIZE \

@@ -228,6 +228,51 @@ def test_clear_bumps_generation_and_retires_old_connections(make_pool, connector
     assert not fresh.closed and numbers(pool) == (1, 0, 0)
 
 
+def test_checkout_idle_takes_the_last_idle_one_without_waiting_or_recording(make_pool, stats):
+    """The relay's fast path: an idle connection or None at once, nothing recorded."""
+    pool = make_pool(max_size=2)
+    assert pool.checkout_idle() is None                 # none idle: never opens one
+    a, b = pool.checkout(1), pool.checkout(1)
+    pool.checkin(a)
+    pool.checkin(b)
+    recorded = {name: stats.count(name) for name in stats.calls}
+    conn = pool.checkout_idle()
+    assert conn is b and numbers(pool) == (2, 1, 0)
+    conn.spoil()                                        # a taken connection starts sound
+    pool.checkin_idle(conn, time.monotonic())
+    assert pool.checkout_idle() is b and not b.spoiled
+    pool.checkin_idle(b, time.monotonic())
+    assert numbers(pool) == (2, 0, 0) and not b.closed
+    assert {name: stats.count(name) for name in stats.calls} == recorded
+
+
+def test_checkin_idle_leaves_the_unusual_to_checkin(make_pool, stats):
+    """A connection of an older generation is closed; a waiter is woken."""
+    pool = make_pool(max_size=1)
+    pool.checkin(pool.checkout(1))
+    stale = pool.checkout_idle()
+    pool.clear()
+    pool.checkin_idle(stale, time.monotonic())
+    assert stale.closed and numbers(pool) == (0, 0, 0)
+    pool.checkin(pool.checkout(1))
+    conn = pool.checkout_idle()
+    got: list[ServerConnection] = []
+    waiter = threading.Thread(target=lambda: got.append(pool.checkout(5)), daemon=True)
+    waiter.start()
+    wait_until(lambda: pool.waiting == 1, "the waiter to block")
+    pool.checkin_idle(conn, time.monotonic())
+    waiter.join(5)
+    assert got == [conn]
+    pool.checkin(conn)
+
+
+def test_checkout_idle_of_a_closed_pool_is_none(make_pool):
+    pool = make_pool(max_size=1)
+    pool.checkin(pool.checkout(1))
+    pool.close()
+    assert pool.checkout_idle() is None
+
+
 def test_clear_during_connect_retires_the_new_connection_on_checkin(make_pool, connector):
     pool = make_pool(max_size=1)
     connector.gate = threading.Event()

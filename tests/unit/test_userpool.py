@@ -58,6 +58,15 @@ def test_each_user_gets_its_own_connections_lifo(connector: Connector):
     assert (pool.open_count, pool.in_use) == (3, 2)
 
 
+def test_the_fast_paths_checkout_never_takes_a_users_connection(connector: Connector):
+    """checkout_idle (the relay's fast path, for clients of no user) finds nothing here:
+    every connection is some user's."""
+    pool = UserPool("m", connector, 4)
+    pool.checkin(pool.checkout_as(A, "login-a", 1))
+    assert pool.checkout_idle() is None
+    assert pool.checkout_as(A, "login-a", 1).user == A
+
+
 def test_a_full_pool_closes_another_users_idle_connection(connector: Connector):
     pool = UserPool("m", connector, 2)
     a1, b1 = pool.checkout_as(A, "a", 1), pool.checkout_as(B, "b", 1)
