@@ -165,20 +165,22 @@ def tree_status(root: int) -> dict[str, int]:
     return {"rss_kb": rss, "threads": threads, "processes": n}
 
 
-def system_cpu() -> tuple[int, int]:
-    """(busy, total) jiffies of the whole machine, from /proc/stat."""
+def system_cpu() -> tuple[int, int, int]:
+    """(busy, total, stolen) jiffies of the whole machine, from /proc/stat. Stolen: time
+    the hypervisor gave this VM's CPUs to others while they had work (it slows everything,
+    and a process's CPU time then counts part of the wait)."""
     with open("/proc/stat") as f:
         vals = [int(v) for v in f.readline().split()[1:]]
     idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
     total = sum(vals[:8])
-    return total - idle, total
+    return total - idle, total, vals[7] if len(vals) > 7 else 0
 
 
 def background_busy(seconds: float = 1.0) -> float:
     """Percent of the machine's CPU busy over a short sample."""
-    b0, t0 = system_cpu()
+    b0, t0, _ = system_cpu()
     time.sleep(seconds)
-    b1, t1 = system_cpu()
+    b1, t1, _ = system_cpu()
     return 100.0 * (b1 - b0) / max(t1 - t0, 1)
 
 
