@@ -228,33 +228,25 @@ def test_forgotten_member_is_no_longer_reported(metrics):
     assert metrics.member(B) is not gone and metrics.member(B).value("clients.connected") == 0
 
 
-def test_concurrent_updates_give_exact_totals():
-    metrics = Metrics()
-    n_threads, n_ops = 8, 5000
+def _race_with_snapshots(metrics: Metrics, work, n_threads: int,
+                         seen=lambda samples: None) -> None:
+    """Run work(i) in n_threads threads while another takes snapshots (each resetting the
+    interval) and shows them to seen, until the workers are done."""
     start = threading.Barrier(n_threads + 1, timeout=10)
-    deltas: list[float] = []
     done = threading.Event()
 
-    def work(i: int) -> None:
-        mm = metrics.member(A if i % 2 else B)
+    def worker(i: int) -> None:
         start.wait()
-        for _ in range(n_ops):
-            mm.incr("requests")
-            mm.incr("bytes.in", 3)
-            mm.gauge_add("clients.connected", +1)
-            mm.observe("latency", 0.001)
-            mm.gauge_add("clients.connected", -1)
+        work(i)
 
     def snapshotter() -> None:
         start.wait()
         for _ in range(10_000):
-            for s in metrics.snapshot(reset_interval=True):
-                if s.name == "latency.count" and s.member is None:
-                    deltas.append(s.total)
+            seen(metrics.snapshot(reset_interval=True))
             if done.is_set():
                 return
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(n_threads)]
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n_threads)]
     snap = threading.Thread(target=snapshotter)
     for t in threads + [snap]:
         t.start()
@@ -263,6 +255,27 @@ def test_concurrent_updates_give_exact_totals():
     done.set()
     snap.join(60)
     assert not any(t.is_alive() for t in threads + [snap])
+
+
+def test_concurrent_updates_give_exact_totals():
+    metrics = Metrics()
+    n_threads, n_ops = 8, 5000
+    deltas: list[float] = []
+
+    def work(i: int) -> None:
+        mm = metrics.member(A if i % 2 else B)
+        for _ in range(n_ops):
+            mm.incr("requests")
+            mm.incr("bytes.in", 3)
+            mm.gauge_add("clients.connected", +1)
+            mm.observe("latency", 0.001)
+            mm.gauge_add("clients.connected", -1)
+
+    def seen(samples: list[Sample]) -> None:
+        deltas.extend(s.total for s in samples
+                      if s.name == "latency.count" and s.member is None)
+
+    _race_with_snapshots(metrics, work, n_threads, seen)
     got = by_key(metrics.snapshot(reset_interval=False))
     assert got[("requests", None)].total == n_threads * n_ops
     assert got[("bytes.in", None)].total == 3 * n_threads * n_ops
@@ -317,31 +330,13 @@ def test_relayed_and_snapshots_racing_give_exact_totals():
     """Workers log requests while a reader folds and resets: nothing lost or counted twice."""
     metrics = Metrics()
     n_threads, n_ops = 4, 3000
-    start = threading.Barrier(n_threads + 1, timeout=10)
-    done = threading.Event()
 
-    def work() -> None:
+    def work(i: int) -> None:
         mm = metrics.member(A)
-        start.wait()
-        for i in range(n_ops):
+        for _ in range(n_ops):
             mm.relayed(3, 5, False, 0.001, 0.0005)
 
-    def snapshotter() -> None:
-        start.wait()
-        for _ in range(10_000):
-            metrics.snapshot(reset_interval=True)
-            if done.is_set():
-                return
-
-    threads = [threading.Thread(target=work) for _ in range(n_threads)]
-    snap = threading.Thread(target=snapshotter)
-    for t in threads + [snap]:
-        t.start()
-    for t in threads:
-        t.join(60)
-    done.set()
-    snap.join(60)
-    assert not any(t.is_alive() for t in threads + [snap])
+    _race_with_snapshots(metrics, work, n_threads)
     got = by_key(metrics.snapshot(reset_interval=False))
     total = n_threads * n_ops
     assert (got[("requests", A)].total, got[("bytes.in", A)].total,
