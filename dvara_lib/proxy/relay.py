@@ -244,7 +244,9 @@ class Relay:
         member = client.member
         pool = member.pool
         start = time.monotonic()
-        conn = pool.checkout_idle()         # the usual case; it records nothing
+        # The usual case: an idle connection to a member that is up; it records nothing.
+        # (Anything else, a member down included, is _checkout's to answer.)
+        conn = pool.checkout_idle() if member.up else None
         quick = conn is not None
         if conn is None:
             conn = self._checkout(client, frame)

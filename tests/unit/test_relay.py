@@ -108,6 +108,21 @@ def test_a_member_found_down_answers_host_unreachable_without_connecting(rig):
     assert r.server.connects == 0
 
 
+def test_the_fast_path_does_not_use_an_idle_connection_to_a_member_found_down(rig):
+    """A plain OP_MSG (the fast path) to a member whose last check failed is answered
+    HostUnreachable, though its pool still holds an idle connection."""
+    r = rig()
+    client, peer = r.client()
+    ping = wire.op_msg({"ping": 1, "$db": "admin"})
+    assert r.relay.serve_one(client, ping) is Verdict.RESUME
+    wire.read_frame(peer)
+    assert r.member.pool.open_count == 1 and r.member.pool.in_use == 0
+    r.topology.update(r.member, None)
+    assert r.relay.serve_one(client, ping) is Verdict.RESUME
+    assert reply_doc(peer)["code"] == 6
+    assert r.server.received == [ping]          # nothing more reached the server
+
+
 def test_a_not_primary_reply_is_relayed_and_has_discovery_look(rig):
     def not_primary(frame: bytes) -> list[bytes]:
         return [wire.op_msg({"ok": 0.0, "errmsg": "not primary", "code": 10107,
