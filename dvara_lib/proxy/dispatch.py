@@ -43,7 +43,8 @@ ServeParked = Callable[["ClientConn", "ParkedHello"], None]
 class Crew:
     """A queue of work and a fixed set of threads that take it (see the module notes).
 
-    Methods: put (any thread), stop; waiting and parked (counts, read without a lock).
+    Methods: put (any thread), stop; parked (a count, read without a lock). ``work`` is
+    the queue itself (its length, read without a lock, is how many items wait).
     """
 
     def __init__(self, count: int, prefix: str, run: Callable[[Any], None]) -> None:
@@ -53,11 +54,6 @@ class Crew:
         self.work: collections.deque[Any] = collections.deque()    # the same deque for life
         self._parked: list[threading.Lock] = []     # last parked last in: woken first
         self.executor = start_thread_pool(count, prefix, self._loop)
-
-    @property
-    def waiting(self) -> int:
-        """Items queued, not yet taken."""
-        return len(self.work)
 
     @property
     def parked(self) -> int:

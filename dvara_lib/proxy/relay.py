@@ -256,18 +256,18 @@ class Relay:
         try:
             conn.send(frame)
             reply = conn.read_frame()
+            # (_streams' first test inline: a call per message costs more than it.)
             if reply[8:12] != frame[4:8] or (len(reply) > 16 and reply[16] & _MORE_TO_COME
                                              and _streams(reply)):
                 raise ProtocolError(_unexpected_reply(frame, reply))
-        except (ConnectionFailure, ProtocolError) as exc:
+        except BaseException as exc:
             conn.spoil()
             pool.checkin(conn, False, not quick)
+            if not isinstance(exc, (ConnectionFailure, ProtocolError)):
+                raise
             self._server_failed(member, exc)
             member.stats.incr("requests")
             return CLOSE
-        except BaseException:
-            pool.checkin(conn, False, not quick)
-            raise
         now = time.monotonic()
         if quick:
             pool.checkin_idle(conn, now)

@@ -14,7 +14,7 @@ from pymongo import MongoClient
 from pymongo.errors import ServerSelectionTimeoutError
 
 from dvara_lib import wire
-from tests.helpers import Dvara, RawClient, Secantus, free_port, wait_until
+from tests.helpers import Dvara, RawClient, Secantus, free_port, metric_sum, wait_until
 from tests.secure_helpers import (Certs, TlsRawClient, adduser, hello_frame, http_get,
                                   make_certs, with_credentials)
 
@@ -63,7 +63,8 @@ def test_the_backend_refuses_plain_connections(tls_secantus: Secantus):
 
 
 def test_pymongo_over_tls_on_both_sides(both_sides: Callable[..., Dvara], certs: Certs):
-    proxy = both_sides()
+    admin = f"127.0.0.1:{free_port()}"
+    proxy = both_sides("--admin-addr", admin)
     with tls_client(proxy, certs) as c:
         coll = c.tlsdb.docs
         coll.drop()
@@ -73,8 +74,9 @@ def test_pymongo_over_tls_on_both_sides(both_sides: Callable[..., Dvara], certs:
         assert coll.find_one({"_id": "big"})["big"] == big
         assert len(list(coll.find({"pad": {"$exists": True}}).batch_size(25))) == 300
         assert c.admin.command("replSetGetStatus")["ok"] == 1
-        # pymongo's monitor holds an awaitable hello on its own TLS connection: still streaming
-        time.sleep(1.5)
+        # pymongo's monitor holds an awaitable hello on its own TLS connection meanwhile
+        wait_until(lambda: metric_sum(admin, "hello.parked") >= 1,
+                   "the monitor's awaitable hello to park")
         assert coll.count_documents({}) == 301
     assert "TLS handshake" not in proxy.log()
 
