@@ -165,10 +165,8 @@ def _recv_into(sock: socket.socket, view: memoryview) -> None:
     while got < n:
         try:
             chunk = sock.recv_into(view[got:], n - got)
-        except (socket.timeout, BlockingIOError) as exc:
-            raise ServerTimeout("timed out reading from server") from exc
         except OSError as exc:
-            raise ConnectionFailure(f"read failed: {exc}") from exc
+            raise read_error(exc) from exc
         if chunk == 0:
             raise ConnectionFailure("connection closed by server")
         got += chunk
@@ -178,13 +176,25 @@ def recv_some(sock: socket.socket, n: int) -> bytes:
     """Read at least one and at most n bytes. Can raise ConnectionFailure or ServerTimeout."""
     try:
         data = sock.recv(n)
-    except (socket.timeout, BlockingIOError) as exc:
-        raise ServerTimeout("timed out reading from server") from exc
     except OSError as exc:
-        raise ConnectionFailure(f"read failed: {exc}") from exc
+        raise read_error(exc) from exc
     if not data:
         raise ConnectionFailure("connection closed by server")
     return data
+
+
+def read_error(exc: OSError) -> Exception:
+    """What a failed read from a server raises (ServerTimeout or ConnectionFailure)."""
+    if isinstance(exc, (socket.timeout, BlockingIOError)):
+        return ServerTimeout("timed out reading from server")
+    return ConnectionFailure(f"read failed: {exc}")
+
+
+def write_error(exc: OSError) -> Exception:
+    """What a failed write to a server raises (ServerTimeout or ConnectionFailure)."""
+    if isinstance(exc, (socket.timeout, BlockingIOError)):
+        return ServerTimeout("timed out writing to server")
+    return ConnectionFailure(f"write failed: {exc}")
 
 
 def recv_exact(sock: socket.socket, n: int) -> bytes:
@@ -226,10 +236,8 @@ def send_all(sock: socket.socket, data: bytes) -> None:
     """Write all of data. Can raise ConnectionFailure or ServerTimeout."""
     try:
         sock.sendall(data)
-    except (socket.timeout, BlockingIOError) as exc:
-        raise ServerTimeout("timed out writing to server") from exc
     except OSError as exc:
-        raise ConnectionFailure(f"write failed: {exc}") from exc
+        raise write_error(exc) from exc
 
 
 # --- cheap inspection ------------------------------------------------------------------

@@ -84,8 +84,12 @@ class ServerConnection:
         self.spoiled = True
 
     def send(self, data: bytes) -> None:
-        """Write one message. Can raise ConnectionFailure or ServerTimeout."""
-        wire.send_all(self.sock, data)
+        """Write one message. Can raise ConnectionFailure or ServerTimeout.
+        (wire.send_all's steps, inline: this runs once per relayed message.)"""
+        try:
+            self.sock.sendall(data)
+        except OSError as exc:
+            raise wire.write_error(exc) from exc
 
     def read_frame(self) -> bytes:
         """Read one message, in one recv when it is small (the usual reply).
@@ -93,9 +97,14 @@ class ServerConnection:
         Can raise ConnectionFailure, ServerTimeout or ProtocolError.
         """
         if not self.rest:
-            data = wire.recv_some(self.sock, wire.READ_CHUNK)
+            try:                        # wire.recv_some's steps, inline (once per reply)
+                data = self.sock.recv(wire.READ_CHUNK)
+            except OSError as exc:
+                raise wire.read_error(exc) from exc
             if len(data) >= 16 and wire.INT32.unpack_from(data, 0)[0] == len(data):
                 return data             # the usual reply: whole in one read
+            if not data:
+                raise ConnectionFailure("connection closed by server")
         else:
             data, self.rest = self.rest, b""
         while len(data) < 16:

@@ -317,7 +317,10 @@ class MemberMetrics:
         requests, requests.with_reply, bytes.in, bytes.out, requests.mutations, latency;
         with held, also a checkout that did not wait (the caller took an idle connection
         with Pool.checkout_idle, which records nothing) held for that long."""
-        shard = self._shard()
+        try:
+            shard = self._local.shard   # _shard's usual case, inline (once per message)
+        except AttributeError:
+            shard = self._shard()
         if mutation:
             shard.counters[_MUTATIONS] += 1
         if held is not None:            # the usual case: logged, folded later (_Shard)

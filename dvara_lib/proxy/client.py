@@ -40,6 +40,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dvara.client")
 
+#: Module constants read once per message (a global is cheaper than a global's attribute).
+_DONTWAIT = socket.MSG_DONTWAIT
+_TLS_SOCKET = ssl.SSLSocket
+_READ_CHUNK = wire.READ_CHUNK
+_int32_at = wire.INT32.unpack_from
 
 
 class Verdict(enum.Enum):
@@ -199,13 +204,13 @@ class ClientConn:
         None if none came in time (or the client closed: the acceptor sees that).
         """
         try:
-            data = self.sock.recv(wire.READ_CHUNK)
-        except (BlockingIOError, InterruptedError, socket.timeout, OSError):
+            data = self.sock.recv(_READ_CHUNK)
+        except OSError:         # timed out (the usual miss), or broken: the acceptor sees it
             return None
         if not data:
             self.closing = True
             return None
-        if not self.buf and len(data) >= 16 and wire.INT32.unpack_from(data, 0)[0] == len(data):
+        if not self.buf and len(data) >= 16 and _int32_at(data, 0)[0] == len(data):
             self.last_active = time.monotonic()     # the usual case: one whole message
             return data
         self.took(data)
@@ -290,11 +295,11 @@ class ClientConn:
             self.io.tee.write(data)
         sock = self.sock
         try:
-            if isinstance(sock, ssl.SSLSocket):
+            if isinstance(sock, _TLS_SOCKET):
                 ok = _send_tls(sock, data, self.io.write_timeout)
             else:
                 try:
-                    sent = sock.send(data, socket.MSG_DONTWAIT)
+                    sent = sock.send(data, _DONTWAIT)
                 except (BlockingIOError, InterruptedError):
                     sent = 0
                 # The usual case: written at once.
