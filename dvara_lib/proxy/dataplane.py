@@ -123,9 +123,9 @@ class DataPlane:
         self.dispatcher = Dispatcher(s.workers, max(2, min(s.workers, s.max_connections)),
                                      self.relay.serve, self.relay.serve_parked)
         self.acceptor = Acceptor(s, self.dispatcher, self.relay, self.io)
-        self.relay.others_waiting = self.dispatcher.waiting
+        self.relay.backlog = self.dispatcher
         self.relay.requeue = self.dispatcher.submit
-        self.relay.acceptor_busy = lambda: self.acceptor.draining
+        self.relay.acceptor = self.acceptor
         topology.on_change(self.acceptor.topology_changed)
 
     def start(self) -> None:

@@ -115,7 +115,7 @@ class Dispatcher:
         self._held: dict["Member", collections.deque[tuple["ClientConn", bytes]]] = {}
         self.held = 0           # held back for their member's share
         self._crew = Crew(workers, "dvara-worker", self._take)
-        self._queued = self._crew.work     # read by waiting(), once per message
+        self.queued = self._crew.work     # read by the relay (its backlog), once per message
         self._pinned = Crew(pinned_workers, "dvara-pinned", self._take)
         self.executor, self.pinned_executor = self._crew.executor, self._pinned.executor
         # The loops never end by themselves: end them as the interpreter exits, as
@@ -131,7 +131,7 @@ class Dispatcher:
 
     def waiting(self) -> bool:
         """Whether a message waits for a worker (read without the lock: a hint)."""
-        return bool(self._queued) or self.held > 0
+        return bool(self.queued) or self.held > 0
 
     # -- the acceptor's side ------------------------------------------------------------
     def submit(self, client: "ClientConn", frame: bytes) -> None:

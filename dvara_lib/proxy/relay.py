@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import struct
 import time
-from typing import TYPE_CHECKING, Any, Callable, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol, Sized, Union
 
 from dvara_lib import wire
 from dvara_lib.proxy.gate import Gate, RunCommand
@@ -70,6 +70,7 @@ _RELEASE_TRIES = 4
 _PLAIN_OP_MSG = struct.pack("<iIB", wire.OP_MSG, 0, 0)
 _OP_MSG_BYTES = struct.pack("<i", wire.OP_MSG)
 _MORE_TO_COME = wire.MORE_TO_COME
+_OP_MSG_WIRE_VERSION = wire.OP_MSG_WIRE_VERSION
 #: Command names the fast path leaves to the general one (as BSON keys).
 _SPECIAL_KEYS = frozenset(n.encode() for n in hello.HELLO_NAMES | REWRITTEN_REPLIES)
 _MUTATION_KEYS = frozenset(n.encode() for n in MUTATIONS)
@@ -81,12 +82,40 @@ RESUME, CLOSE, PARK = Verdict.RESUME, Verdict.CLOSE, Verdict.PARK
 Handback = Callable[[ClientConn, Verdict, Optional[ParkedHello]], None]
 
 
+class Draining(Protocol):
+    """What the relay reads of the acceptor: whether it drains (then it must see every
+    client let go). An attribute, not a call: it is read once per message."""
+
+    draining: bool
+
+
+class Backlog(Protocol):
+    """What the relay reads of the dispatcher, without a lock, as hints: messages
+    queued for a worker, and messages held back for their member's share."""
+
+    queued: Sized
+    held: int
+
+
+class _NeverDraining:
+    draining = False
+
+
+class _AlwaysBacklogged:
+    queued = (None,)
+    held = 1
+
+
+_NEVER_DRAINING = _NeverDraining()
+_ALWAYS_BACKLOGGED = _AlwaysBacklogged()
+
+
 class Relay:
     """The per-message work of the proxy. One instance, shared by every worker.
 
-    ``others_waiting`` says whether any message waits for a worker (then a worker does
-    not linger on its client, and queues the client's next message behind the others
-    with ``requeue`` rather than serve it at once); ``acceptor_busy`` whether the
+    ``backlog`` says whether any message waits for a worker (then a worker does not
+    linger on its client, and queues the client's next message behind the others with
+    ``requeue`` rather than serve it at once); ``acceptor.draining`` whether the
     acceptor must see every client let go (while it drains).
     """
 
@@ -104,8 +133,8 @@ class Relay:
         self.passthrough = settings.auth_passthrough   # member pools are UserPools
         gate_step: list[Step] = [] if self.gate is None else [self.gate.check]
         self._steps: list[Step] = [*gate_step, self.legacy.handle, self._hello_step]
-        self.others_waiting: Callable[[], bool] = lambda: True
-        self.acceptor_busy: Callable[[], bool] = lambda: False
+        self.backlog: Backlog = _ALWAYS_BACKLOGGED
+        self.acceptor: Draining = _NEVER_DRAINING
         self.requeue: Callable[[ClientConn, bytes], None] = lambda client, frame: None
 
     def _clear_user(self, key: tuple[str, str]) -> None:
@@ -122,16 +151,32 @@ class Relay:
 
     # -- entry points (worker threads) ------------------------------------------------------
     def serve(self, client: ClientConn, frame: bytes) -> None:
-        """Handle client's message, and its next ones while they come at once; let go."""
+        """Handle client's message, and its next ones while they come at once; let go.
+
+        The usual next message is waited for here, inline (nothing buffered, the worker
+        may linger, no other message waits, no drain): a busy client's messages then
+        cost one pass of this loop each, and every call saved counts. Anything else is
+        _next_or_release's."""
         outcome: Outcome = CLOSE
+        backlog = self.backlog
+        io = client.io
         try:
             while True:
-                key = self._plain_command(client, frame)
-                outcome = self._relay_plain(client, frame, key) if key is not None \
-                    else self._serve_any(client, frame)
+                fast = self._relay_plain(client, frame)     # None: not the usual message
+                outcome = fast if fast is not None else self._serve_any(client, frame)
                 if outcome is not RESUME:
                     break
-                after = self._next_or_release(client)
+                if client.buf or client.counted or io.linger <= 0 or client.reader \
+                        is not None or client.closing or self.acceptor.draining \
+                        or backlog.queued or backlog.held:
+                    after = self._next_or_release(client)
+                else:
+                    after = client.wait_message()
+                    if after is None:
+                        after = self._release(client)
+                    elif backlog.queued or backlog.held:
+                        self.requeue(client, after)
+                        return
                 if after is None:
                     return                  # let go: the acceptor owns the client again
                 if isinstance(after, Verdict):
@@ -167,7 +212,7 @@ class Relay:
     def _next_or_release(self, client: ClientConn) -> Union[bytes, Verdict, None]:
         """The client's next message to serve now; None once the client is let go; or
         the Verdict to hand it back with. Can raise ProtocolError."""
-        if self.acceptor_busy():
+        if self.acceptor.draining:
             return RESUME       # a drain: what the client sent moves with it
         if client.buf or client.counted:
             frame = client.next_frame()
@@ -177,10 +222,15 @@ class Relay:
             frame = None
         if frame is not None:
             return self._now_or_queued(client, frame)
+        return self._release(client)
+
+    def _release(self, client: ClientConn) -> Union[bytes, Verdict, None]:
+        """Let client go (nothing of it is buffered), unless it sent more meanwhile: as
+        _next_or_release."""
         for _ in range(_RELEASE_TRIES):
             if client.closing:
                 return CLOSE
-            if self.acceptor_busy() or (client.io.budget.spent and client.mid_message()):
+            if self.acceptor.draining or (client.io.budget.spent and client.mid_message()):
                 return RESUME       # the acceptor decides (drain, throttle)
             try:
                 if client.release():
@@ -207,6 +257,10 @@ class Relay:
         return client.io.linger > 0 and client.reader is None and not client.closing \
             and not self.others_waiting()
 
+    def others_waiting(self) -> bool:
+        """Whether a message waits for a worker (read without a lock: a hint)."""
+        return bool(self.backlog.queued) or self.backlog.held > 0
+
     def parked_now(self, frame: bytes, command: str, exhaust: bool) -> ParkedHello:
         """A parked hello (moved from the process this one replaced) due at once."""
         return ParkedHello(frame, _request_doc(frame), command, time.monotonic(), exhaust, -1)
@@ -218,30 +272,26 @@ class Relay:
     # -- one message: auth gate, legacy, hello, relay --------------------------------------
     def serve_one(self, client: ClientConn, frame: bytes) -> Outcome:
         """Handle one whole message from client. Can raise ProtocolError."""
-        key = self._plain_command(client, frame)
-        if key is not None:
-            return self._relay_plain(client, frame, key)
-        return self._serve_any(client, frame)
+        outcome = self._relay_plain(client, frame)
+        return self._serve_any(client, frame) if outcome is None else outcome
 
-    def _plain_command(self, client: ClientConn, frame: bytes) -> Optional[bytes]:
-        """The command name (as bytes) of the usual message, which takes the fast path:
-        an OP_MSG command with no flags, its body first, neither a hello nor a command
-        whose reply names members, from a client with no login gate, no legacy state and
-        no pin, to a member that speaks OP_MSG. None for anything else."""
-        if len(frame) < 27 or frame[12:21] != _PLAIN_OP_MSG or frame[25] == 0:
+    def _relay_plain(self, client: ClientConn, frame: bytes) -> Optional[Outcome]:
+        """The fast path, for the usual message: an OP_MSG command with no flags, its
+        body first, neither a hello nor a command whose reply names members, from a
+        client with no login gate, no legacy state and no pin, to a member that speaks
+        OP_MSG. Check out, send, read the whole reply, check in, write it. None, having
+        done nothing, for any other message.
+        (Its calls pass their arguments by position: a keyword argument costs a call
+        without the interpreter's shortcuts.)"""
+        if len(frame) < 27 or frame[12:21] != _PLAIN_OP_MSG or frame[25] == 0 \
+                or self.gate is not None or client.last_error is not None \
+                or client.pinned is not None:
             return None
-        if self.gate is not None or client.last_error is not None or client.pinned \
-                is not None or client.member.max_wire_version < wire.OP_MSG_WIRE_VERSION:
-            return None
+        member = client.member
         end = frame.find(b"\x00", 26)
         key = frame[26:end]
-        return None if end < 0 or key in _SPECIAL_KEYS else key
-
-    def _relay_plain(self, client: ClientConn, frame: bytes, key: bytes) -> Outcome:
-        """The fast path: check out, send, read the whole reply, check in, write it.
-        (Its calls pass their arguments by position: a keyword argument costs a
-        call without the interpreter's shortcuts.)"""
-        member = client.member
+        if end < 0 or key in _SPECIAL_KEYS or member.max_wire_version < _OP_MSG_WIRE_VERSION:
+            return None
         pool = member.pool
         start = time.monotonic()
         # The usual case: an idle connection to a member that is up; it records nothing.
