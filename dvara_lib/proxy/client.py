@@ -29,7 +29,7 @@ import socket
 import ssl
 import threading
 import time
-from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Optional
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Optional, Sequence
 
 from dvara_lib import wire
 
@@ -45,6 +45,9 @@ _DONTWAIT = socket.MSG_DONTWAIT
 _TLS_SOCKET = ssl.SSLSocket
 _READ_CHUNK = wire.READ_CHUNK
 _int32_at = wire.INT32.unpack_from
+#: How many locks the clients of one acceptor share (a prime: ids may step by the
+#: number of processes).
+_CLIENT_LOCKS = 61
 
 
 class Verdict(enum.Enum):
@@ -93,6 +96,9 @@ class ClientIO:
         self.budget = budget
         #: Connection ids (hello's connectionId), unique across the processes of a dvara.
         self.ids = itertools.count(first_id, id_step)
+        #: The locks that guard clients' ownership (busy, pending), each shared by every
+        #: client whose id falls on it: held for a few steps, never two at once.
+        self.locks = [threading.Lock() for _ in range(_CLIENT_LOCKS)]
         self.write_timeout = write_timeout
         self.linger = linger
         self.tee = tee
@@ -116,14 +122,17 @@ class Tee:
 
 
 class ParkedHello:
-    """An awaitable hello waiting, without a thread, for a topology change or its deadline."""
+    """An awaitable hello waiting, without a thread, for a topology change or its deadline.
 
-    __slots__ = ("frame", "request", "command", "deadline", "exhaust", "counter")
+    It keeps the hello's frame, not its decoded document: a third of a fleet's idle
+    connections park a hello, and the document costs several times the frame's bytes;
+    it is decoded again when the answer is due (once per topology change or maxAwait)."""
 
-    def __init__(self, frame: bytes, request: dict[str, Any], command: str, deadline: float,
-                 exhaust: bool, counter: int) -> None:
+    __slots__ = ("frame", "command", "deadline", "exhaust", "counter")
+
+    def __init__(self, frame: bytes, command: str, deadline: float, exhaust: bool,
+                 counter: int) -> None:
         self.frame = frame
-        self.request = request
         self.command = command
         self.deadline = deadline
         self.exhaust = exhaust
@@ -152,7 +161,7 @@ class ClientConn:
         self.id = next(io.ids)
         self.buf = bytearray()
         self.counted = 0            # bytes of buf charged to the budget
-        self.compressors: list[str] = []
+        self.compressors: Sequence[str] = ()            # agreed at its hello
         self.parked: Optional[ParkedHello] = None       # set by the acceptor only
         self.pinned: Optional["ServerConnection"] = None
         self.pin_deadline = 0.0
@@ -160,7 +169,7 @@ class ClientConn:
         self.last_active = time.monotonic()
         self.closed = False
         self.closing = False        # close after the message in flight
-        self.lock = threading.Lock()
+        self.lock = io.locks[self.id % len(io.locks)]   # shared: a lock each costs 88 bytes
         self.busy = False           # a worker owns it (guarded by lock)
         self.pending = False        # it became readable while busy (guarded by lock)
         self.auth: Optional["ClientAuth"] = None        # login state (dvara_lib.proxy.gate)

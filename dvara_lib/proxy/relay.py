@@ -197,8 +197,8 @@ class Relay:
         """Answer a parked hello (its member changed or its time is up), then hand back."""
         outcome: Outcome = CLOSE
         try:
-            outcome = self.send_hello(client, parked.frame, parked.request, parked.command,
-                                      parked.exhaust)
+            outcome = self.send_hello(client, parked.frame, _request_doc(parked.frame),
+                                      parked.command, parked.exhaust)
         except Exception:
             log.exception("unexpected error answering a parked hello of %s", client)
         self._hand_back(client, outcome)
@@ -263,7 +263,7 @@ class Relay:
 
     def parked_now(self, frame: bytes, command: str, exhaust: bool) -> ParkedHello:
         """A parked hello (moved from the process this one replaced) due at once."""
-        return ParkedHello(frame, _request_doc(frame), command, time.monotonic(), exhaust, -1)
+        return ParkedHello(frame, command, time.monotonic(), exhaust, -1)
 
     def release_pin(self, client: ClientConn, reusable: bool) -> None:
         """Give a pinned server connection back to its pool (no blocking I/O)."""
@@ -369,7 +369,7 @@ class Relay:
             wire.msg_flags(frame) & wire.EXHAUST_ALLOWED)
         if wait > 0:
             counter = -1 if member.suspect else member.counter
-            return ParkedHello(frame, request, name, time.monotonic() + wait, exhaust, counter)
+            return ParkedHello(frame, name, time.monotonic() + wait, exhaust, counter)
         return self.send_hello(client, frame, request, name, exhaust)
 
     def send_hello(self, client: ClientConn, frame: bytes, request: dict[str, Any],
@@ -395,7 +395,7 @@ class Relay:
         wait = hello.max_await_seconds(request)
         # The next reply of the stream answers this one (OP_MSG exhaust rule).
         next_frame = wire.with_request_id(frame, wire.request_id(reply))
-        return ParkedHello(next_frame, request, name,
+        return ParkedHello(next_frame, name,
                            time.monotonic() + (10.0 if wait is None else wait), True,
                            member.counter)
 

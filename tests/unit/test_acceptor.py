@@ -111,7 +111,7 @@ def awaitable_hello(topology: Topology, member: Member) -> bytes:
 
 
 def park(frame: bytes, counter: int, wait: float = 10.0) -> ParkedHello:
-    return ParkedHello(frame, {}, "hello", time.monotonic() + wait, False, counter)
+    return ParkedHello(frame, "hello", time.monotonic() + wait, False, counter)
 
 
 def test_a_parked_hello_is_handed_out_once_whatever_the_order(stack: Stack):

@@ -117,11 +117,27 @@ def test_new_clients_get_distinct_ids_and_a_readable_repr(pair):
         assert other.id > client.id
         assert other.peer_ip == "10.1.2.3"
         assert repr(other) == f"<client #{other.id} 10.1.2.3:1234 on 127.0.0.1:40001>"
-        assert (other.compressors, other.parked, other.pinned, other.closed) == (
-            [], None, None, False)
+        assert (tuple(other.compressors), other.parked, other.pinned, other.closed) == (
+            (), None, None, False)
     finally:
         a.close()
         b.close()
+
+
+def test_clients_share_a_fixed_set_of_ownership_locks(pair):
+    """A lock per client would cost 88 bytes each: clients share the acceptor's few,
+    neighbours on different ones."""
+    client, _ = pair
+    pairs = [socket.socketpair() for _ in range(150)]
+    try:
+        clients = [ClientConn(a, ("10.1.2.3", 1234), MEMBER, client.io) for a, _ in pairs]
+        locks = {id(c.lock) for c in clients}
+        assert len(locks) == len(client.io.locks) < len(clients)
+        assert all(a.lock is not b.lock for a, b in zip(clients, clients[1:]))
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()
 
 
 def test_a_reply_the_socket_takes_in_parts_arrives_whole(pair):
