@@ -11,7 +11,7 @@ from typing import Iterator, Optional
 import pytest
 
 from dvara_lib import wire
-from dvara_lib.errors import ConnectionFailure, PoolTimeout
+from dvara_lib.errors import ConnectionFailure, PoolTimeout, ServerTimeout
 from dvara_lib.backend.pool import Pool, PoolStats, ServerConnection
 from tests.helpers import wait_until
 
@@ -144,6 +144,40 @@ def test_a_checked_out_connection_talks_to_its_socket(make_pool, connector):
     connector.theirs[0].sendall(frame)
     assert conn.read_frame() == frame
     pool.checkin(conn)
+
+
+@pytest.fixture
+def conn_pair() -> Iterator[tuple[ServerConnection, socket.socket]]:
+    ours, theirs = socket.socketpair()
+    yield ServerConnection(ours, 0), theirs
+    ours.close()
+    theirs.close()
+
+
+def test_a_server_that_does_not_answer_in_time_is_a_server_timeout(conn_pair):
+    conn, _ = conn_pair
+    wire.set_recv_timeout(conn.sock, 0.05)     # as the connector sets --message-timeout
+    with pytest.raises(ServerTimeout, match="timed out reading"):
+        conn.read_frame()
+
+
+def test_a_server_that_hangs_up_is_a_connection_failure(conn_pair):
+    conn, theirs = conn_pair
+    theirs.close()
+    with pytest.raises(ConnectionFailure, match="closed by server"):
+        conn.read_frame()
+    with pytest.raises(ConnectionFailure, match="write failed"):
+        for _ in range(100):
+            conn.send(wire.op_msg({"x": "y" * 10000}))
+
+
+def test_a_reply_in_pieces_is_read_whole(conn_pair):
+    conn, theirs = conn_pair
+    reply = wire.op_msg({"ok": 1.0, "pad": "z" * 100})
+    theirs.sendall(reply[:7])
+    threading.Timer(0.05, theirs.sendall, (reply[7:] + reply,)).start()
+    assert conn.read_frame() == reply
+    assert conn.read_frame() == reply           # the next one, read past the first
 
 
 def test_checkout_times_out_when_the_pool_is_full(make_pool, stats):
