@@ -222,7 +222,10 @@ class Acceptor(threading.Thread):
 
     def clients_per_member(self) -> dict[str, int]:
         """Open clients per real member address (read without a lock: a snapshot)."""
-        return dict(collections.Counter(c.member.real for c in list(self._clients)))
+        counts: dict[str, int] = {}
+        for member, n in list(self._per_member.items()):    # a member re-added: two keys
+            counts[member.real] = counts.get(member.real, 0) + n
+        return counts
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> None:

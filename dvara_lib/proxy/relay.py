@@ -406,12 +406,11 @@ class Relay:
         start = time.monotonic()
         conn = self.legacy.take_pin(client)
         if conn is not None and self.passthrough and conn.user != _user_key(client):
-            client.member.pool.checkin(conn, False)    # logged in as another user since
+            member.pool.checkin(conn, False)           # logged in as another user since
             conn = None
         was_pinned = conn is not None
         if conn is None:
-            conn = self._checkout_as(client, frame) if self.passthrough \
-                else self._checkout(client, frame)
+            conn = self._checkout(client, frame)
             if conn is None:
                 return RESUME if wire.expects_reply(frame) and not client.closing \
                     else CLOSE
@@ -436,33 +435,25 @@ class Relay:
         return verdict
 
     def _checkout(self, client: ClientConn, frame: bytes) -> Optional["ServerConnection"]:
-        """A server connection, or None after answering the client with an error (or,
-        --load-balanced, marking it to be closed when its server cannot be reached)."""
+        """A server connection (--auth-passthrough: logged in as the client's own user,
+        or not at all before its login), or None after answering the client with an
+        error (or, --load-balanced, marking it to be closed when its server cannot be
+        reached). A refused login of the client's own user clears that user's
+        connections and logs the client out."""
         member = client.member
+        login = client.auth.login if self.passthrough and client.auth is not None else None
         try:
             if not member.up and member.answer is not None:
                 raise ConnectionFailure(f"{member.real} is down (last check failed)")
-            return member.pool.checkout(self.settings.pool_wait_timeout)
-        except (PoolTimeout, ConnectionFailure) as exc:
-            self._checkout_failed(client, frame, exc)
-        return None
-
-    def _checkout_as(self, client: ClientConn, frame: bytes) -> Optional["ServerConnection"]:
-        """--auth-passthrough: a server connection logged in as the client's own user
-        (not logged in before its login), or None after answering the client with an
-        error. A refused login clears the user's connections and logs the client out."""
-        member = client.member
-        login = client.auth.login if client.auth is not None else None
-        key = _user_key(client)
-        try:
-            if not member.up and member.answer is not None:
-                raise ConnectionFailure(f"{member.real} is down (last check failed)")
-            return member.pool.checkout_as(key, login, self.settings.pool_wait_timeout)
+            if not self.passthrough:
+                return member.pool.checkout(self.settings.pool_wait_timeout)
+            return member.pool.checkout_as(_user_key(client), login,
+                                           self.settings.pool_wait_timeout)
         except AuthenticationFailure as exc:
             if login is None:
                 self._checkout_failed(client, frame, exc)
                 return None
-            member.pool.clear_user(key)
+            member.pool.clear_user(login.key)
             client.auth = None                # its ClientKey is of no use any more
             log.warning("%s refused the login as %s.%s (%s); logged %s out", member.real,
                         login.db, login.name, exc, client)
@@ -637,7 +628,6 @@ def _unexpected_reply(frame: bytes, reply: bytes) -> str:
     if not _streams(reply):
         return f"server reply answers {wire.response_to(reply)}, not {wire.request_id(frame)}"
     return "the server streams replies to a request that did not ask for it"
-
 
 
 def _sent(ok: bool) -> Verdict:

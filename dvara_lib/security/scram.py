@@ -260,11 +260,7 @@ class ScramKeyClient:
 
     def verify(self, server_final: bytes) -> None:
         """Check the server holds the user's ServerKey. Can raise ScramError."""
-        text = _text(server_final)
-        if text.startswith("e="):
-            raise ScramError(f"server refused the login: {text[2:]}")
-        fields = dict(f.split("=", 1) for f in text.split(",") if "=" in f)
-        signature = unb64(fields.get("v", ""))
+        signature = unb64(_server_fields(_text(server_final)).get("v", ""))
         if not self._server_signature or not hmac.compare_digest(signature,
                                                                  self._server_signature):
             raise ScramError("the server's signature is wrong: it does not hold the "
@@ -277,9 +273,7 @@ class ScramKeyClient:
 def _parse_server_first(text: str, client_nonce: str) -> tuple[str, bytes, int]:
     """The nonce, salt and iteration count of a server-first message. Can raise
     ScramError."""
-    if text.startswith("e="):
-        raise ScramError(f"server refused the login: {text[2:]}")
-    fields = dict(f.split("=", 1) for f in text.split(",") if "=" in f)
+    fields = _server_fields(text)
     try:
         nonce, salt, iterations = fields["r"], unb64(fields["s"]), int(fields["i"])
     except (KeyError, ValueError) as exc:
@@ -289,6 +283,14 @@ def _parse_server_first(text: str, client_nonce: str) -> tuple[str, bytes, int]:
     if iterations < MIN_ITERATIONS:
         raise ScramError(f"bad server-first message: iterations below {MIN_ITERATIONS}")
     return nonce, salt, iterations
+
+
+def _server_fields(text: str) -> dict[str, str]:
+    """The attributes of a server's SCRAM message. Can raise ScramError (an "e=" error
+    message: the server refused the login)."""
+    if text.startswith("e="):
+        raise ScramError(f"server refused the login: {text[2:]}")
+    return dict(f.split("=", 1) for f in text.split(",") if "=" in f)
 
 
 def _hmac(mechanism: str, key: bytes, message: bytes) -> bytes:
